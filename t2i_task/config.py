@@ -1,0 +1,169 @@
+"""The server's configuration: one YAML file, validated once at start.
+
+`configuration.yaml` beside the project is the default; `T2I_CONFIG` names
+another file. `T2I_DATABASE_URL` and `T2I_IMAGES_DIR` override the storage keys
+so that replicas and tests can point at their own database and folder without
+copying the file. Relative paths are resolved against the file's folder, so the
+server behaves the same whatever directory it is started from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, unreadable or has a bad key or value."""
+
+
+class _Section(BaseModel):
+    # A misspelt key is an error that names it, never a silently ignored setting.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(min_length=1, description="Id under which the model is served (OpenAI `model`, DashAI `model_name`).")
+    path: str = Field(min_length=1, description="Local diffusers folder or a Hugging Face model id (loaded from the local cache).")
+    scheduler: str | None = Field(default=None, description="diffusers scheduler class replacing the model's own, e.g. EulerDiscreteScheduler.")
+    local_files_only: bool = Field(default=True, description="Never contact the Hub; the model must be a local folder or cached.")
+
+
+class RuntimeConfig(_Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    attention: Literal["auto", "sdpa", "xformers"] = "auto"
+    compile: bool = Field(default=False, description="torch.compile the UNet (slow first call, faster after).")
+    cpu_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU; default: torch's choice.")
+
+
+class BatchingConfig(_Section):
+    max_batch_size: int = Field(default=8, gt=1, description="Most requests BentoML's adaptive batcher joins into one call.")
+    max_latency_ms: int = Field(default=120_000, ge=1, description="Queue latency beyond which the batcher refuses work (503).")
+
+
+class LimitsConfig(_Section):
+    min_size: int = Field(default=64, ge=8)
+    max_width: int = Field(default=1024, ge=8)
+    max_height: int = Field(default=1024, ge=8)
+    max_steps: int = Field(default=100, ge=1)
+    max_guidance_scale: float = Field(default=30.0, ge=0)
+    max_images_per_request: int = Field(default=4, ge=1)
+    max_prompt_length: int = Field(default=1000, ge=1, description="Characters, for the prompt and the negative prompt.")
+
+
+class StorageConfig(_Section):
+    database_url: str = Field(min_length=1, description="Any SQLAlchemy URL; SQLite by default, PostgreSQL for many replicas.")
+    images_dir: Path
+
+
+class GenerationParameters(_Section):
+    """The parameters of a generation: a session's `parameters` and the defaults.
+
+    Field bounds are the model-independent ones DashAI documents; the configured
+    limits are checked by `Settings.validate_parameters`.
+    """
+
+    num_inference_steps: int = Field(default=25, ge=1)
+    guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False)
+    negative_prompt: str | None = None
+    width: int = Field(default=512, ge=8, multiple_of=8)
+    height: int = Field(default=512, ge=8, multiple_of=8)
+    seed: int = Field(default=-1, ge=-1, le=2**63 - 1, description="-1 draws a random seed, returned with the image.")
+    num_images_per_prompt: int = Field(default=1, ge=1)
+
+
+class Settings(_Section):
+    model: ModelConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+    batching: BatchingConfig = BatchingConfig()
+    limits: LimitsConfig = LimitsConfig()
+    storage: StorageConfig
+    defaults: GenerationParameters = GenerationParameters()
+
+    @model_validator(mode="after")
+    def _defaults_within_limits(self) -> Settings:
+        self.check_limits(self.defaults)
+        return self
+
+    def check_limits(self, params: GenerationParameters) -> GenerationParameters:
+        """Raise ValueError naming the first parameter outside the configured limits."""
+        limits = self.limits
+        bounds = {
+            "width": (limits.min_size, limits.max_width),
+            "height": (limits.min_size, limits.max_height),
+            "num_inference_steps": (1, limits.max_steps),
+            "guidance_scale": (0, limits.max_guidance_scale),
+            "num_images_per_prompt": (1, limits.max_images_per_request),
+        }
+        for field, (low, high) in bounds.items():
+            value = getattr(params, field)
+            if not low <= value <= high:
+                raise ValueError(f"{field} must be between {low} and {high}, got {value}")
+        if params.negative_prompt is not None and len(params.negative_prompt) > limits.max_prompt_length:
+            raise ValueError(f"negative_prompt is longer than {limits.max_prompt_length} characters")
+        return params
+
+    def validate_parameters(self, parameters: dict | None) -> GenerationParameters:
+        """Session parameters over the configured defaults, checked against the limits."""
+        merged = self.defaults.model_dump() | dict(parameters or {})
+        return self.check_limits(GenerationParameters.model_validate(merged))
+
+
+def _resolve(path: str | Path, base: Path) -> Path:
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else (base / path).resolve()
+
+
+def _resolve_sqlite_url(url: str, base: Path) -> str:
+    # sqlite:///relative.db is relative to the config file, like every other path here.
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(_resolve(url[len(prefix):], base))
+    return url
+
+
+def load_settings(path: str | Path | None = None) -> Settings:
+    """Read, resolve and validate the configuration (see the module docstring)."""
+    path = Path(path or os.environ.get("T2I_CONFIG") or DEFAULT_CONFIG_PATH).resolve()
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read configuration {path}: {exc}") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"configuration {path} must be a mapping of sections")
+
+    storage = dict(raw.get("storage") or {})
+    for key, env in (("database_url", "T2I_DATABASE_URL"), ("images_dir", "T2I_IMAGES_DIR")):
+        if os.environ.get(env):
+            storage[key] = os.environ[env]
+    raw["storage"] = storage
+
+    try:
+        settings = Settings.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top level)'}: {err['msg']}" for err in exc.errors()
+        )
+        raise ConfigError(f"invalid configuration {path}: {problems}") from exc
+
+    base = path.parent
+    model_path = settings.model.path
+    if model_path.startswith((".", "/", "~")) or (base / model_path).exists():
+        model_path = str(_resolve(model_path, base))
+    return settings.model_copy(
+        update={
+            "model": settings.model.model_copy(update={"path": model_path}),
+            "storage": StorageConfig(
+                database_url=_resolve_sqlite_url(settings.storage.database_url, base),
+                images_dir=_resolve(settings.storage.images_dir, base),
+            ),
+        }
+    )

@@ -1,0 +1,120 @@
+"""DashAI's generative tables as SQLAlchemy 2 typed models.
+
+Table and column names follow DashAI's own (`generative_session`,
+`parameter_history`, `generative_process`, `process_data`), so a DashAI database
+and this server's read the same.
+"""
+
+from __future__ import annotations
+
+import enum
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, Text, TypeDecorator
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator):
+    """Timezone-aware UTC datetimes on every backend (SQLite drops the zone)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime; use t2i_task.models.utcnow()")
+        return value.astimezone(UTC) if value is not None else None
+
+    def process_result_value(self, value: datetime | None, dialect) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+class RunStatus(enum.IntEnum):
+    """A process's state; DashAI's API reports the integer."""
+
+    NOT_STARTED = 0
+    DELIVERED = 1
+    STARTED = 2
+    FINISHED = 3
+    ERROR = 4
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
+
+
+class GenerativeSession(Base):
+    __tablename__ = "generative_session"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_modified: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    task_name: Mapped[str] = mapped_column(String(255))
+    model_name: Mapped[str | None] = mapped_column(String(255))
+    parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    name: Mapped[str] = mapped_column(String(255), unique=True)
+    description: Mapped[str | None] = mapped_column(Text)
+
+    processes: Mapped[list[GenerativeProcess]] = relationship(
+        back_populates="session", cascade="all, delete-orphan", passive_deletes=True
+    )
+    parameter_history: Mapped[list[GenerativeSessionParameterHistory]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="GenerativeSessionParameterHistory.id"
+    )
+
+
+class GenerativeSessionParameterHistory(Base):
+    __tablename__ = "parameter_history"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("generative_session.id", ondelete="CASCADE"), index=True)
+    parameters: Mapped[dict[str, Any]]
+    modified_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GenerativeProcess(Base):
+    __tablename__ = "generative_process"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    session_id: Mapped[int] = mapped_column(ForeignKey("generative_session.id", ondelete="CASCADE"), index=True)
+    status: Mapped[RunStatus] = mapped_column(
+        Enum(RunStatus, native_enum=False, length=16, validate_strings=True), default=RunStatus.NOT_STARTED, index=True
+    )
+    created: Mapped[datetime] = mapped_column(default=utcnow)
+    last_modified: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    delivery_time: Mapped[datetime | None]
+    start_time: Mapped[datetime | None]
+    end_time: Mapped[datetime | None]
+
+    session: Mapped[GenerativeSession] = relationship(back_populates="processes")
+    # Loaded with the process: every reader wants its input and output rows.
+    data: Mapped[list[ProcessData]] = relationship(
+        cascade="all, delete-orphan", passive_deletes=True, order_by="ProcessData.id", lazy="selectin"
+    )
+
+    @property
+    def input(self) -> list[ProcessData]:
+        return [row for row in self.data if row.is_input]
+
+    @property
+    def output(self) -> list[ProcessData]:
+        return [row for row in self.data if not row.is_input]
+
+
+class ProcessData(Base):
+    """One input or output item of a process: `data` and its `data_type` ("str" or "Image")."""
+
+    __tablename__ = "process_data"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    data: Mapped[str] = mapped_column(Text)
+    data_type: Mapped[str] = mapped_column(String(32))
+    process_id: Mapped[int | None] = mapped_column(ForeignKey("generative_process.id", ondelete="CASCADE"), index=True)
+    is_input: Mapped[bool] = mapped_column(default=True)

@@ -1,0 +1,217 @@
+"""Where a prompt becomes an image: a diffusers pipeline, loaded once and run in batches.
+
+`DiffusionRunner` knows diffusers and torch, nothing of HTTP or SQL. It loads a
+text-to-image pipeline from a local folder or the local Hugging Face cache
+(safetensors only, no remote code), places it on the chosen device and dtype,
+picks the attention implementation, and `generate` runs a list of requests in
+as few pipeline calls as their settings allow.
+
+Reproducibility: image `i` of a request with seed `s` is drawn from its own
+`torch.Generator` seeded `s + i`, so a request gives the same image alone or
+inside any batch (up to floating-point differences between batch sizes).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import secrets
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+
+from t2i_task.config import RuntimeConfig
+
+log = logging.getLogger(__name__)
+
+RANDOM_SEED = -1
+MAX_SEED = 2**63 - 1
+
+
+class GenerationRequest(BaseModel):
+    """One prompt and the settings to draw its images with."""
+
+    model_config = ConfigDict(frozen=True)
+
+    prompt: str
+    negative_prompt: str | None = None
+    num_inference_steps: int = Field(ge=1)
+    guidance_scale: float = Field(ge=0)
+    width: int = Field(ge=8, multiple_of=8)
+    height: int = Field(ge=8, multiple_of=8)
+    seed: int | None = Field(default=None, ge=RANDOM_SEED, le=MAX_SEED, description="None or -1: random.")
+    num_images: int = Field(default=1, ge=1)
+
+    def batch_key(self) -> tuple:
+        """Requests with equal keys can share one pipeline call."""
+        # "No negative prompt" is not always "" (SDXL uses zeros for it), so the two never mix.
+        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.negative_prompt is None)
+
+
+@dataclass
+class GenerationResult:
+    """A request's images, each with the seed that reproduces it."""
+
+    images: list[Image.Image] = field(default_factory=list)
+    seeds: list[int] = field(default_factory=list)
+
+
+class RuntimeUnavailable(RuntimeError):
+    """A configured device, dtype or attention choice cannot be honoured here."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device: torch.device
+    dtype: torch.dtype
+    attention: str
+
+
+def resolve_placement(runtime: RuntimeConfig) -> Placement:
+    """Turn `auto` choices into concrete ones; refuse forced choices that cannot work."""
+    cuda = torch.cuda.is_available()
+    if runtime.device == "cuda" and not cuda:
+        raise RuntimeUnavailable("runtime.device is 'cuda' but torch sees no CUDA device; use 'auto' or 'cpu'")
+    if runtime.device == "auto":
+        device = torch.device("cuda" if cuda else "cpu")
+    else:
+        device = torch.device(runtime.device)
+
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if runtime.dtype == "auto":
+        dtype = torch.float16 if device.type == "cuda" else torch.float32
+    else:
+        dtype = dtypes[runtime.dtype]
+    if dtype is torch.float16 and device.type != "cuda":
+        # It runs, but about 25x slower than float32: never what anyone wants.
+        raise RuntimeUnavailable("runtime.dtype 'float16' needs CUDA; on CPU use 'float32' (or 'bfloat16')")
+
+    xformers_usable = device.type == "cuda" and importlib.util.find_spec("xformers") is not None
+    if runtime.attention == "xformers" and not xformers_usable:
+        why = "it is not installed (pip install '.[gpu]')" if device.type == "cuda" else "it needs CUDA"
+        raise RuntimeUnavailable(f"runtime.attention is 'xformers' but {why}; use 'auto' or 'sdpa'")
+    attention = "xformers" if runtime.attention == "xformers" or (runtime.attention == "auto" and xformers_usable) else "sdpa"
+    return Placement(device, dtype, attention)
+
+
+def load_pipeline(model_path: str, placement: Placement, scheduler: str | None = None, local_files_only: bool = True):
+    """Load a diffusers text-to-image pipeline: safetensors only, never remote code."""
+    import diffusers
+    import transformers
+
+    # A server's log is no place for per-file loading bars.
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    pipeline = diffusers.AutoPipelineForText2Image.from_pretrained(
+        model_path,
+        dtype=placement.dtype,
+        use_safetensors=True,
+        local_files_only=local_files_only,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    if scheduler:
+        scheduler_class = getattr(diffusers, scheduler, None)
+        if not (isinstance(scheduler_class, type) and issubclass(scheduler_class, diffusers.SchedulerMixin)):
+            raise ValueError(f"model.scheduler {scheduler!r} is not a diffusers scheduler class")
+        pipeline.scheduler = scheduler_class.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(placement.device)
+
+
+class DiffusionRunner:
+    """A loaded pipeline and the one lock that serialises calls to it."""
+
+    def __init__(
+        self,
+        model_path: str,
+        runtime: RuntimeConfig | None = None,
+        *,
+        scheduler: str | None = None,
+        local_files_only: bool = True,
+        max_images_per_call: int | None = None,
+    ) -> None:
+        runtime = runtime or RuntimeConfig()
+        self.placement = resolve_placement(runtime)
+        if runtime.cpu_threads and self.placement.device.type == "cpu":
+            torch.set_num_threads(runtime.cpu_threads)
+        started = time.perf_counter()
+        self.pipeline = load_pipeline(model_path, self.placement, scheduler, local_files_only)
+        self._optimize(compile_unet=runtime.compile)
+        self.load_seconds = time.perf_counter() - started
+        self.max_images_per_call = max_images_per_call
+        # A pipeline's scheduler holds per-call state: one call at a time.
+        self._lock = threading.Lock()
+        log.info(
+            "loaded %s on %s (%s, %s attention) in %.2fs",
+            model_path, self.placement.device, self.placement.dtype, self.placement.attention, self.load_seconds,
+        )
+
+    def _optimize(self, compile_unet: bool) -> None:
+        pipeline = self.pipeline
+        if self.placement.attention == "xformers":
+            pipeline.enable_xformers_memory_efficient_attention()
+        if self.placement.device.type == "cuda":
+            pipeline.unet.to(memory_format=torch.channels_last)
+            # Both only change how large batches and large images are decoded:
+            # slicing decodes one image at a time, tiling only acts above the tile size.
+            pipeline.vae.enable_slicing()
+            pipeline.vae.enable_tiling()
+        if compile_unet:
+            pipeline.unet = torch.compile(pipeline.unet)
+
+    def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
+        """Images for each request, in request order.
+
+        Requests whose steps, guidance and size match run in one pipeline call
+        (split only if `max_images_per_call` is set), so a batch of N compatible
+        requests costs one denoising loop.
+        """
+        results = [GenerationResult() for _ in requests]
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for index, request in enumerate(requests):
+            groups[request.batch_key()].append(index)
+
+        for indices in groups.values():
+            # One entry per image: (request index, seed).
+            images = [
+                (index, seed) for index in indices for seed in self._seeds(requests[index])
+            ]
+            chunk = self.max_images_per_call or len(images)
+            for start in range(0, len(images), chunk):
+                part = images[start : start + chunk]
+                for (index, seed), image in zip(part, self._call([requests[i] for i, _ in part], [s for _, s in part])):
+                    results[index].images.append(image)
+                    results[index].seeds.append(seed)
+        return results
+
+    @staticmethod
+    def _seeds(request: GenerationRequest) -> list[int]:
+        base = request.seed
+        if base is None or base == RANDOM_SEED:
+            base = secrets.randbelow(2**32)
+        return [(base + i) % (MAX_SEED + 1) for i in range(request.num_images)]
+
+    def _call(self, requests: list[GenerationRequest], seeds: list[int]) -> list[Image.Image]:
+        """One pipeline call: one image per (request, seed) pair."""
+        first = requests[0]
+        generators = [torch.Generator(device=self.placement.device).manual_seed(seed) for seed in seeds]
+        with self._lock, torch.inference_mode():
+            output = self.pipeline(
+                prompt=[r.prompt for r in requests],
+                negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in requests],
+                num_inference_steps=first.num_inference_steps,
+                guidance_scale=first.guidance_scale,
+                width=first.width,
+                height=first.height,
+                num_images_per_prompt=1,
+                generator=generators,
+                output_type="pil",
+            )
+        return output.images

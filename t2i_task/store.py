@@ -1,0 +1,277 @@
+"""The store: sessions, processes and their ProcessData rows in SQL.
+
+Every method is one unit of work in its own transaction, so a failure leaves
+nothing half-written. Objects returned are detached snapshots (loaded with
+their rows) that stay readable after the transaction closes.
+
+SQLite (the default) runs in WAL mode with a busy timeout so that several
+server processes on one machine can share it; PostgreSQL is the choice for
+replicas on several machines. Any SQLAlchemy URL works.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import create_engine, event, select
+from sqlalchemy.engine import Engine, make_url
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, selectinload, sessionmaker
+
+from t2i_task.models import (
+    Base,
+    GenerativeProcess,
+    GenerativeSession,
+    GenerativeSessionParameterHistory,
+    ProcessData,
+    RunStatus,
+    utcnow,
+)
+
+log = logging.getLogger(__name__)
+
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+ERROR_PREFIX = "Error details: "
+IMAGE_TYPE = "Image"
+
+# The states a process may move to from each state.
+_TRANSITIONS: dict[RunStatus, set[RunStatus]] = {
+    RunStatus.NOT_STARTED: {RunStatus.DELIVERED, RunStatus.ERROR},
+    RunStatus.DELIVERED: {RunStatus.STARTED, RunStatus.ERROR},
+    RunStatus.STARTED: {RunStatus.FINISHED, RunStatus.ERROR},
+    RunStatus.FINISHED: set(),
+    RunStatus.ERROR: set(),
+}
+
+
+class StoreError(Exception):
+    """Base class of the store's errors."""
+
+
+class NotFoundError(StoreError, LookupError):
+    pass
+
+
+class SessionNotFound(NotFoundError):
+    def __init__(self, session_id: int) -> None:
+        super().__init__(f"Session with ID {session_id} does not exist.")
+        self.session_id = session_id
+
+
+class ProcessNotFound(NotFoundError):
+    def __init__(self, process_id: int) -> None:
+        super().__init__(f"Process with ID {process_id} does not exist.")
+        self.process_id = process_id
+
+
+class DuplicateSessionName(StoreError, ValueError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"A session named {name!r} already exists.")
+        self.name = name
+
+
+class InvalidTransition(StoreError, ValueError):
+    def __init__(self, process_id: int, current: RunStatus, wanted: RunStatus) -> None:
+        super().__init__(f"Process {process_id} is {current.name}; it cannot become {wanted.name}.")
+
+
+def _create_engine(database_url: str) -> Engine:
+    url = make_url(database_url)
+    if url.get_backend_name() != "sqlite":
+        return create_engine(url, pool_pre_ping=True)
+
+    if url.database and url.database != ":memory:":
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection, _record) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.close()
+
+    return engine
+
+
+class Store:
+    """Sessions, processes and ProcessData rows; image files live in `images_dir`."""
+
+    def __init__(self, database_url: str, images_dir: str | Path) -> None:
+        self.engine = _create_engine(database_url)
+        self.images_dir = Path(images_dir)
+        self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
+        Base.metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[Session]:
+        with self._sessionmaker() as session, session.begin():
+            yield session
+
+    # Sessions
+
+    def create_session(
+        self,
+        *,
+        task_name: str,
+        name: str,
+        parameters: dict[str, Any],
+        model_name: str | None = None,
+        description: str | None = None,
+    ) -> GenerativeSession:
+        """A new session and its first parameter-history row."""
+        try:
+            with self._transaction() as db:
+                record = GenerativeSession(
+                    task_name=task_name, model_name=model_name, parameters=parameters, name=name, description=description
+                )
+                db.add(record)
+                db.flush()
+                db.add(GenerativeSessionParameterHistory(session_id=record.id, parameters=parameters))
+        except IntegrityError as exc:
+            if self._session_name_taken(name):
+                raise DuplicateSessionName(name) from exc
+            raise
+        return record
+
+    def _session_name_taken(self, name: str) -> bool:
+        with self._sessionmaker() as db:
+            return db.scalar(select(GenerativeSession.id).where(GenerativeSession.name == name)) is not None
+
+    def get_session(self, session_id: int) -> GenerativeSession:
+        with self._sessionmaker() as db:
+            return self._load_session(db, session_id)
+
+    def list_sessions(self) -> list[GenerativeSession]:
+        with self._sessionmaker() as db:
+            return list(db.scalars(select(GenerativeSession).order_by(GenerativeSession.id)))
+
+    def update_session_parameters(self, session_id: int, parameters: dict[str, Any]) -> GenerativeSession:
+        """Replace the session's parameters and record them in its history."""
+        with self._transaction() as db:
+            record = self._load_session(db, session_id)
+            record.parameters = parameters
+            record.last_modified = utcnow()
+            db.add(GenerativeSessionParameterHistory(session_id=session_id, parameters=parameters))
+        return record
+
+    def get_parameter_history(self, session_id: int) -> list[GenerativeSessionParameterHistory]:
+        with self._sessionmaker() as db:
+            return list(self._load_session(db, session_id, with_history=True).parameter_history)
+
+    @staticmethod
+    def _load_session(db: Session, session_id: int, with_history: bool = False) -> GenerativeSession:
+        options = [selectinload(GenerativeSession.parameter_history)] if with_history else []
+        record = db.get(GenerativeSession, session_id, options=options)
+        if record is None:
+            raise SessionNotFound(session_id)
+        return record
+
+    # Processes
+
+    def create_process(
+        self, session_id: int, inputs: Sequence[tuple[str, str]], status: RunStatus = RunStatus.DELIVERED
+    ) -> GenerativeProcess:
+        """A process and its input rows, in one transaction.
+
+        By default the process is DELIVERED at once: this server queues every
+        process as soon as it is stored.
+        """
+        if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED):
+            raise ValueError(f"a new process is NOT_STARTED or DELIVERED, not {status.name}")
+        with self._transaction() as db:
+            self._load_session(db, session_id)
+            now = utcnow()
+            process = GenerativeProcess(
+                session_id=session_id,
+                status=status,
+                created=now,
+                delivery_time=now if status is RunStatus.DELIVERED else None,
+                data=[ProcessData(data=data, data_type=data_type, is_input=True) for data, data_type in inputs],
+            )
+            db.add(process)
+        return process
+
+    def get_process(self, process_id: int) -> GenerativeProcess:
+        with self._sessionmaker() as db:
+            return self._load_process(db, process_id)
+
+    def list_processes(self, session_id: int) -> list[GenerativeProcess]:
+        with self._sessionmaker() as db:
+            self._load_session(db, session_id)
+            query = select(GenerativeProcess).where(GenerativeProcess.session_id == session_id)
+            return list(db.scalars(query.order_by(GenerativeProcess.id)))
+
+    def list_processes_by_status(self, *statuses: RunStatus) -> list[GenerativeProcess]:
+        with self._sessionmaker() as db:
+            query = select(GenerativeProcess).where(GenerativeProcess.status.in_(statuses))
+            return list(db.scalars(query.order_by(GenerativeProcess.id)))
+
+    def deliver_process(self, process_id: int) -> GenerativeProcess:
+        return self._move(process_id, RunStatus.DELIVERED)
+
+    def start_process(self, process_id: int) -> GenerativeProcess:
+        return self._move(process_id, RunStatus.STARTED)
+
+    def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]]) -> GenerativeProcess:
+        """Attach the output rows and mark the process FINISHED, together."""
+        return self._move(process_id, RunStatus.FINISHED, outputs)
+
+    def fail_process(self, process_id: int, message: str) -> GenerativeProcess:
+        """Mark the process ERROR with one `("Error details: ...", "str")` output row."""
+        return self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")])
+
+    def _move(
+        self, process_id: int, status: RunStatus, outputs: Iterable[tuple[str, str]] = ()
+    ) -> GenerativeProcess:
+        with self._transaction() as db:
+            # Row lock on PostgreSQL, so two replicas cannot move one process at once.
+            process = self._load_process(db, process_id, for_update=True)
+            if status not in _TRANSITIONS[process.status]:
+                raise InvalidTransition(process_id, process.status, status)
+            now = utcnow()
+            process.status = status
+            process.last_modified = now
+            if status is RunStatus.DELIVERED:
+                process.delivery_time = now
+            elif status is RunStatus.STARTED:
+                process.start_time = now
+            else:
+                process.end_time = now
+            for data, data_type in outputs:
+                process.data.append(ProcessData(data=data, data_type=data_type, is_input=False))
+        return process
+
+    def delete_process(self, process_id: int) -> None:
+        """Delete the process, its rows and its image files."""
+        with self._transaction() as db:
+            process = self._load_process(db, process_id)
+            images = [row.data for row in process.output if row.data_type == IMAGE_TYPE]
+            db.delete(process)
+        # Files go only once the rows are gone: a failed delete leaves a whole process.
+        self.remove_images(images)
+
+    def remove_images(self, file_names: Iterable[str]) -> None:
+        """Remove image files by bare name; never anything outside `images_dir`."""
+        for name in file_names:
+            path = self.images_dir / Path(name).name
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                log.warning("could not remove image %s: %s", path, exc)
+
+    @staticmethod
+    def _load_process(db: Session, process_id: int, for_update: bool = False) -> GenerativeProcess:
+        process = db.get(GenerativeProcess, process_id, with_for_update=for_update)
+        if process is None:
+            raise ProcessNotFound(process_id)
+        return process

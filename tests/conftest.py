@@ -1,0 +1,64 @@
+"""Shared fixtures: the offline model, and a store on each supported database."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, text
+from sqlalchemy.exc import OperationalError
+
+from t2i_task.store import Store
+from t2i_task.tiny_model import write_tiny_model
+
+POSTGRES_URL = os.environ.get("T2I_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+
+
+@pytest.fixture(scope="session")
+def tiny_model_path(tmp_path_factory) -> Path:
+    """The offline model, built once per test run through the project's own command."""
+    return write_tiny_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_engine():
+    engine = create_engine(POSTGRES_URL, isolation_level="AUTOCOMMIT")
+    try:
+        with engine.connect():
+            pass
+    except OperationalError as exc:
+        engine.dispose()
+        message = f"PostgreSQL at {POSTGRES_URL} is unreachable: {exc.orig}"
+        if os.environ.get("T2I_REQUIRE_POSTGRES") == "1":
+            pytest.fail(message + " (T2I_REQUIRE_POSTGRES=1)")
+        pytest.skip(message)
+    yield engine
+    engine.dispose()
+
+
+@pytest.fixture
+def postgres_url(request):
+    """A PostgreSQL URL whose tables live in a schema of their own, dropped afterwards."""
+    admin = request.getfixturevalue("postgres_admin_engine")
+    schema = f"t2i_test_{uuid.uuid4().hex[:12]}"
+    with admin.connect() as connection:
+        connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+    yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
+    with admin.connect() as connection:
+        connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def store(database_url, tmp_path):
+    store = Store(database_url, tmp_path / "images")
+    yield store
+    store.close()

@@ -1,0 +1,172 @@
+"""DiffusionRunner on the offline model, through diffusers' real loading path."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+
+from t2i_task.config import RuntimeConfig
+from t2i_task.runner import DiffusionRunner, GenerationRequest, RuntimeUnavailable, resolve_placement
+
+# Batch size changes the order of floating-point sums inside the UNet, so a
+# request alone and inside a batch may differ by rounding; allow at most 2 of 255.
+BATCH_TOLERANCE = 2
+
+
+@pytest.fixture(scope="module")
+def runner(tiny_model_path):
+    return DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu"))
+
+
+def request(prompt="a red circle", width=64, height=64, seed=1, **extra) -> GenerationRequest:
+    settings = {"num_inference_steps": 2, "guidance_scale": 7.5} | extra
+    return GenerationRequest(prompt=prompt, width=width, height=height, seed=seed, **settings)
+
+
+def pixels(image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def max_difference(a, b) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+def test_cpu_defaults_are_float32_with_pytorch_sdpa_attention(runner):
+    import torch
+
+    assert runner.placement.device.type == "cpu" and runner.placement.dtype is torch.float32
+    assert runner.placement.attention == "sdpa"
+    assert {type(p).__name__ for p in runner.pipeline.unet.attn_processors.values()} == {"AttnProcessor2_0"}
+
+
+def test_a_batch_of_different_requests_comes_back_in_request_order(runner):
+    requests = [
+        request("a red circle", 64, 64, seed=1),
+        request("a blue square", 64, 96, seed=2),
+        request("a green triangle", 96, 64, seed=3, num_images=2),
+        request("a white circle", 64, 64, seed=4, negative_prompt="blurry"),
+    ]
+    results = runner.generate(requests)
+
+    assert [[image.size for image in r.images] for r in results] == [
+        [(64, 64)],
+        [(64, 96)],
+        [(96, 64), (96, 64)],
+        [(64, 64)],
+    ]
+    assert [r.seeds for r in results] == [[1], [2], [3, 4], [4]]
+
+
+def test_a_seeded_request_gives_the_same_image_alone_and_inside_a_batch(runner):
+    target = request("a yellow square", seed=1234, negative_prompt="dark")
+    alone = runner.generate([target])[0].images[0]
+    neighbours = [request(f"prompt {i}", seed=i, negative_prompt="x") for i in range(5)]
+    batched = runner.generate([*neighbours[:2], target, *neighbours[2:]])[2].images[0]
+
+    assert max_difference(alone, batched) <= BATCH_TOLERANCE
+    other_seed = runner.generate([request("a yellow square", seed=1235, negative_prompt="dark")])[0].images[0]
+    assert max_difference(alone, other_seed) > 10, "a different seed must give a different image"
+
+
+def test_image_k_of_a_request_is_reproduced_by_its_returned_seed(runner):
+    result = runner.generate([request(seed=50, num_images=3)])[0]
+    assert result.seeds == [50, 51, 52]
+    again = runner.generate([request(seed=52)])[0].images[0]
+    assert max_difference(result.images[2], again) <= BATCH_TOLERANCE
+
+
+@pytest.mark.parametrize("random_seed", [None, -1])
+def test_a_random_seed_is_returned_and_reproduces_the_image(runner, random_seed):
+    first, second = runner.generate([request(seed=random_seed), request(seed=random_seed)])
+    assert first.seeds[0] >= 0 and first.seeds != second.seeds
+    again = runner.generate([request(seed=first.seeds[0])])[0].images[0]
+    assert max_difference(first.images[0], again) <= BATCH_TOLERANCE
+
+
+def test_matching_requests_share_one_pipeline_call(runner, monkeypatch):
+    calls: list[int] = []
+    real_call = runner._call
+
+    def counting_call(requests, seeds):
+        calls.append(len(seeds))
+        return real_call(requests, seeds)
+
+    monkeypatch.setattr(runner, "_call", counting_call)
+    runner.generate(
+        [request(seed=1), request(width=96, seed=2), request(seed=3, num_images=2), request(width=96, seed=4)]
+    )
+    assert sorted(calls) == [2, 3]
+
+
+def test_calls_are_split_when_a_per_call_image_limit_is_set(tiny_model_path):
+    limited = DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu"), max_images_per_call=2)
+    calls: list[int] = []
+    real_call = limited._call
+    limited._call = lambda requests, seeds: calls.append(len(seeds)) or real_call(requests, seeds)
+
+    results = limited.generate([request(seed=s) for s in range(5)])
+    assert calls == [2, 2, 1]
+    assert [r.seeds for r in results] == [[s] for s in range(5)]
+
+
+def test_a_scheduler_can_replace_the_models_own(tiny_model_path):
+    runner = DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu"), scheduler="DDIMScheduler")
+    assert type(runner.pipeline.scheduler).__name__ == "DDIMScheduler"
+    assert runner.generate([request()])[0].images[0].size == (64, 64)
+
+
+def test_an_unknown_scheduler_is_a_startup_error(tiny_model_path):
+    with pytest.raises(ValueError, match="'NoSuchScheduler' is not a diffusers scheduler"):
+        DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu"), scheduler="NoSuchScheduler")
+
+
+def test_models_with_pickled_weights_are_refused(tiny_model_path, tmp_path):
+    import torch
+    from safetensors.torch import load_file
+
+    pickled = shutil.copytree(tiny_model_path, tmp_path / "pickled-model")
+    weights = pickled / "unet" / "diffusion_pytorch_model.safetensors"
+    torch.save(load_file(weights), weights.with_suffix(".bin"))  # a pickle: loading it could run code
+    weights.unlink()
+
+    with pytest.raises(Exception, match="safetensors"):
+        DiffusionRunner(str(pickled), RuntimeConfig(device="cpu"))
+
+
+def test_a_missing_model_folder_is_a_startup_error(tmp_path):
+    with pytest.raises(Exception):
+        DiffusionRunner(str(tmp_path / "nowhere"), RuntimeConfig(device="cpu"))
+
+
+@pytest.mark.parametrize(
+    ("runtime", "message"),
+    [
+        (RuntimeConfig(device="cuda"), "no CUDA device"),
+        (RuntimeConfig(device="cpu", attention="xformers"), "'xformers' but it needs CUDA"),
+        (RuntimeConfig(device="cpu", dtype="float16"), "'float16' needs CUDA"),
+    ],
+)
+def test_forced_choices_that_cannot_be_honoured_fail_at_start(runtime, message):
+    pytest.importorskip("torch")
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: these choices can be honoured")
+    with pytest.raises(RuntimeUnavailable, match=message):
+        resolve_placement(runtime)
+
+
+def test_bfloat16_on_cpu_is_honoured(tiny_model_path):
+    import torch
+
+    runner = DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu", dtype="bfloat16"))
+    assert runner.pipeline.unet.dtype is torch.bfloat16
+    assert runner.generate([request()])[0].images[0].size == (64, 64)
+
+
+def test_the_runner_loads_a_copied_model_folder_offline(tiny_model_path, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    copy = shutil.copytree(tiny_model_path, tmp_path / "copy")
+    assert DiffusionRunner(str(copy), RuntimeConfig(device="cpu")).generate([request()])[0].images

@@ -1,0 +1,226 @@
+"""The store on SQLite and on PostgreSQL: the same tests for both."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
+
+from t2i_task.models import GenerativeProcess, ProcessData, RunStatus
+from t2i_task.store import (
+    DuplicateSessionName,
+    InvalidTransition,
+    ProcessNotFound,
+    SessionNotFound,
+    Store,
+)
+
+TASK = "TextToImageGenerationTask"
+
+
+def new_session(store: Store, name: str = "s1", **parameters):
+    return store.create_session(task_name=TASK, model_name="tiny-sd", name=name, parameters=parameters or {"seed": 1})
+
+
+def count(store: Store, model) -> int:
+    with store.engine.connect() as connection:
+        return connection.scalar(select(func.count()).select_from(model))
+
+
+def test_a_new_session_is_readable_and_starts_its_parameter_history(store):
+    created = store.create_session(
+        task_name=TASK, model_name="tiny-sd", name="cats", parameters={"width": 64}, description="d"
+    )
+    loaded = store.get_session(created.id)
+
+    assert (loaded.task_name, loaded.model_name, loaded.name, loaded.description) == (TASK, "tiny-sd", "cats", "d")
+    assert loaded.parameters == {"width": 64}
+    assert loaded.created.tzinfo is not None
+    assert [h.parameters for h in store.get_parameter_history(created.id)] == [{"width": 64}]
+
+
+def test_session_names_are_unique(store):
+    new_session(store, "same")
+    with pytest.raises(DuplicateSessionName, match="'same' already exists"):
+        new_session(store, "same")
+    assert len(store.list_sessions()) == 1
+
+
+def test_each_parameter_update_is_recorded_in_order(store):
+    session = new_session(store, seed=1)
+    store.update_session_parameters(session.id, {"seed": 2})
+    updated = store.update_session_parameters(session.id, {"seed": 3, "width": 128})
+
+    assert updated.parameters == {"seed": 3, "width": 128}
+    assert store.get_session(session.id).parameters == {"seed": 3, "width": 128}
+    assert [h.parameters for h in store.get_parameter_history(session.id)] == [
+        {"seed": 1},
+        {"seed": 2},
+        {"seed": 3, "width": 128},
+    ]
+
+
+def test_unknown_sessions_are_reported_with_dashai_message(store):
+    for call in (
+        lambda: store.get_session(404),
+        lambda: store.update_session_parameters(404, {}),
+        lambda: store.create_process(404, [("a cat", "str")]),
+        lambda: store.list_processes(404),
+    ):
+        with pytest.raises(SessionNotFound, match=r"^Session with ID 404 does not exist\.$"):
+            call()
+    assert count(store, GenerativeProcess) == 0 and count(store, ProcessData) == 0
+
+
+def test_a_new_process_is_delivered_with_its_input_rows(store):
+    session = new_session(store)
+    process = store.create_process(session.id, [("a cat", "str")])
+    loaded = store.get_process(process.id)
+
+    assert loaded.status is RunStatus.DELIVERED
+    assert loaded.delivery_time is not None and loaded.start_time is None and loaded.end_time is None
+    assert [(row.data, row.data_type, row.is_input) for row in loaded.input] == [("a cat", "str", True)]
+    assert loaded.output == []
+
+
+def test_a_process_moves_through_started_to_finished_with_timestamps_and_outputs(store):
+    process = store.create_process(new_session(store).id, [("a cat", "str")])
+    store.start_process(process.id)
+    started = store.get_process(process.id)
+    assert started.status is RunStatus.STARTED and started.start_time is not None
+
+    store.finish_process(process.id, [("a.png", "Image"), ("b.png", "Image")])
+    finished = store.get_process(process.id)
+
+    assert finished.status is RunStatus.FINISHED
+    assert finished.delivery_time <= finished.start_time <= finished.end_time
+    assert [(row.data, row.data_type, row.is_input) for row in finished.output] == [
+        ("a.png", "Image", False),
+        ("b.png", "Image", False),
+    ]
+    assert [row.data for row in finished.input] == ["a cat"]
+
+
+def test_a_failed_process_holds_one_error_row(store):
+    process = store.create_process(new_session(store).id, [("a cat", "str")])
+    store.start_process(process.id)
+    store.fail_process(process.id, "CUDA out of memory")
+
+    failed = store.get_process(process.id)
+    assert failed.status is RunStatus.ERROR and failed.end_time is not None
+    assert [(row.data, row.data_type) for row in failed.output] == [("Error details: CUDA out of memory", "str")]
+
+
+@pytest.mark.parametrize("status", [RunStatus.FINISHED, RunStatus.ERROR])
+def test_an_ended_process_cannot_move_again(store, status):
+    process = store.create_process(new_session(store).id, [("a cat", "str")])
+    store.start_process(process.id)
+    if status is RunStatus.FINISHED:
+        store.finish_process(process.id, [("a.png", "Image")])
+    else:
+        store.fail_process(process.id, "boom")
+
+    with pytest.raises(InvalidTransition, match=f"is {status.name}"):
+        store.start_process(process.id)
+    with pytest.raises(InvalidTransition):
+        store.finish_process(process.id, [("b.png", "Image")])
+    assert len(store.get_process(process.id).output) == 1
+
+
+def test_a_queued_process_cannot_finish_without_starting(store):
+    process = store.create_process(new_session(store).id, [("a cat", "str")])
+    with pytest.raises(InvalidTransition, match="DELIVERED; it cannot become FINISHED"):
+        store.finish_process(process.id, [("a.png", "Image")])
+    assert store.get_process(process.id).output == []
+
+
+def test_a_failure_inside_a_transaction_leaves_nothing_behind(store):
+    session = new_session(store)
+    with pytest.raises(IntegrityError):
+        # The second row violates NOT NULL after the process and first row were added.
+        store.create_process(session.id, [("a cat", "str"), (None, "str")])
+    assert count(store, GenerativeProcess) == 0 and count(store, ProcessData) == 0
+
+
+def test_processes_are_listed_per_session_in_order(store):
+    first, second = new_session(store, "one"), new_session(store, "two")
+    a = store.create_process(first.id, [("a", "str")])
+    store.create_process(second.id, [("b", "str")])
+    c = store.create_process(first.id, [("c", "str")])
+
+    listed = store.list_processes(first.id)
+    assert [p.id for p in listed] == [a.id, c.id]
+    assert [p.input[0].data for p in listed] == ["a", "c"]
+    assert [p.id for p in store.list_processes_by_status(RunStatus.DELIVERED)] == sorted(
+        p.id for s in (first, second) for p in store.list_processes(s.id)
+    )
+
+
+def test_deleting_a_process_removes_its_rows_and_image_files(store):
+    session = new_session(store)
+    store.images_dir.mkdir(parents=True)
+    for name in ("mine.png", "other.png"):
+        (store.images_dir / name).write_bytes(b"png")
+    mine = store.create_process(session.id, [("a", "str")])
+    other = store.create_process(session.id, [("b", "str")])
+    for process, image in ((mine, "mine.png"), (other, "other.png")):
+        store.start_process(process.id)
+        store.finish_process(process.id, [(image, "Image")])
+
+    store.delete_process(mine.id)
+
+    with pytest.raises(ProcessNotFound, match=f"Process with ID {mine.id} does not exist"):
+        store.get_process(mine.id)
+    assert sorted(p.name for p in store.images_dir.iterdir()) == ["other.png"]
+    assert [p.id for p in store.list_processes(session.id)] == [other.id]
+    assert count(store, ProcessData) == 2  # only the other process's input and output
+    with pytest.raises(ProcessNotFound):
+        store.delete_process(mine.id)
+
+
+def test_image_removal_never_leaves_the_images_folder(store, tmp_path):
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"keep me")
+    store.remove_images(["../outside.png", str(outside)])
+    assert outside.read_bytes() == b"keep me"
+
+
+def test_tables_are_created_on_start_and_data_survives_a_restart(database_url, tmp_path):
+    first = Store(database_url, tmp_path)
+    session_id = new_session(first).id
+    first.close()
+
+    second = Store(database_url, tmp_path)
+    assert second.get_session(session_id).name == "s1"
+    second.close()
+
+
+def test_concurrent_writers_lose_nothing(database_url, tmp_path):
+    session_id = new_session(setup := Store(database_url, tmp_path)).id
+    errors: list[BaseException] = []
+
+    def write(worker: int) -> None:
+        writer = Store(database_url, tmp_path)  # an engine of its own, as another replica would have
+        try:
+            for i in range(25):
+                process = writer.create_process(session_id, [(f"{worker}-{i}", "str")])
+                writer.start_process(process.id)
+                writer.finish_process(process.id, [(f"{worker}-{i}.png", "Image")])
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            writer.close()
+
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert errors == []
+    processes = setup.list_processes(session_id)
+    assert len(processes) == 75 and all(p.status is RunStatus.FINISHED for p in processes)
+    assert count(setup, ProcessData) == 150
+    setup.close()
