@@ -5,14 +5,17 @@ VENV := .venv
 PY := $(VENV)/bin/python
 MODEL_DIR := models/tiny-sd
 INSTALLED := $(VENV)/.installed
+PORT ?= 3000
+# BentoML's usage tracking would try the network on every command.
+export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install model test bench-runner clean
+.PHONY: install model serve test bento bench-runner clean
 
 install: $(INSTALLED)
 
-# Re-installs whenever pyproject.toml changes. torch is pinned there to the
+# Re-installs whenever pyproject.toml or requirements.txt changes. torch is pinned there to the
 # CPU wheel that lies on this project's machines (see README, Installing).
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml requirements.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
 	touch $@
@@ -22,8 +25,16 @@ model: $(MODEL_DIR)/model_index.json
 $(MODEL_DIR)/model_index.json: t2i_task/tiny_model.py | $(INSTALLED)
 	$(PY) -m t2i_task.tiny_model $(MODEL_DIR)
 
+# Serves configuration.yaml's model on http://127.0.0.1:$(PORT) (PORT=8080 make serve).
+serve: install model
+	$(VENV)/bin/bentoml serve service:TextToImageService --host 127.0.0.1 --port $(PORT)
+
 test: install model
 	$(PY) -m pytest
+
+# A Bento (code, configuration, model, GPU Dockerfile) in $$BENTOML_HOME/bentos/.
+bento: install model
+	$(VENV)/bin/bentoml build
 
 # DiffusionRunner.generate versus the bare diffusers pipeline (docs/benchmarks.md).
 bench-runner: install model

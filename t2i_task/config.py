@@ -49,6 +49,12 @@ class BatchingConfig(_Section):
     max_latency_ms: int = Field(default=120_000, ge=1, description="Queue latency beyond which the batcher refuses work (503).")
 
 
+class ServingConfig(_Section):
+    max_concurrency: int = Field(default=64, ge=1, description="HTTP requests in flight in the API service; beyond: 429.")
+    max_queued_processes: int = Field(default=256, ge=1, description="Accepted processes not yet ended; beyond: 429.")
+    request_timeout_s: float = Field(default=600, gt=0, description="Longest an HTTP request or a runner call may take (504 after).")
+
+
 class LimitsConfig(_Section):
     min_size: int = Field(default=64, ge=8)
     max_width: int = Field(default=1024, ge=8)
@@ -84,13 +90,17 @@ class Settings(_Section):
     model: ModelConfig
     runtime: RuntimeConfig = RuntimeConfig()
     batching: BatchingConfig = BatchingConfig()
+    serving: ServingConfig = ServingConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig
     defaults: GenerationParameters = GenerationParameters()
 
     @model_validator(mode="after")
-    def _defaults_within_limits(self) -> Settings:
+    def _consistent(self) -> Settings:
         self.check_limits(self.defaults)
+        if self.batching.max_latency_ms / 1000 >= self.serving.request_timeout_s:
+            # Otherwise a request the batcher still accepts times out while queued.
+            raise ValueError("batching.max_latency_ms must be below serving.request_timeout_s")
         return self
 
     def check_limits(self, params: GenerationParameters) -> GenerationParameters:

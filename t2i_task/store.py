@@ -143,9 +143,26 @@ class Store:
             raise
         return record
 
-    def _session_name_taken(self, name: str) -> bool:
+    def get_or_create_session(
+        self, *, task_name: str, name: str, parameters: dict[str, Any], model_name: str | None = None
+    ) -> GenerativeSession:
+        """The session called `name`, created if missing (safe when replicas race to create it)."""
+        for _ in range(2):
+            found = self._find_session(name)
+            if found is not None:
+                return found
+            try:
+                return self.create_session(task_name=task_name, name=name, parameters=parameters, model_name=model_name)
+            except DuplicateSessionName:
+                continue  # another writer won the race: read theirs
+        raise DuplicateSessionName(name)
+
+    def _find_session(self, name: str) -> GenerativeSession | None:
         with self._sessionmaker() as db:
-            return db.scalar(select(GenerativeSession.id).where(GenerativeSession.name == name)) is not None
+            return db.scalar(select(GenerativeSession).where(GenerativeSession.name == name))
+
+    def _session_name_taken(self, name: str) -> bool:
+        return self._find_session(name) is not None
 
     def get_session(self, session_id: int) -> GenerativeSession:
         with self._sessionmaker() as db:

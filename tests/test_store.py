@@ -224,3 +224,10 @@ def test_concurrent_writers_lose_nothing(database_url, tmp_path):
     assert len(processes) == 75 and all(p.status is RunStatus.FINISHED for p in processes)
     assert count(setup, ProcessData) == 150
     setup.close()
+
+
+def test_get_or_create_session_returns_one_session_per_name(store):
+    first = store.get_or_create_session(task_name=TASK, name="openai-tiny-sd", parameters={})
+    second = store.get_or_create_session(task_name=TASK, name="openai-tiny-sd", parameters={"seed": 9})
+    assert first.id == second.id and second.parameters == {}
+    assert len(store.list_sessions()) == 1

@@ -1,0 +1,522 @@
+"""The HTTP surface: DashAI's generative API and OpenAI's Images API over one batched model.
+
+Two BentoML services:
+
+- `DiffusionService` owns the `DiffusionRunner` and exposes one batchable
+  `generate`: BentoML's adaptive batcher joins concurrent requests into one
+  pipeline call.
+- `TextToImageService` speaks HTTP (a FastAPI app mounted at `/`), owns the
+  store and the task's adapters, and sends every generation, from every
+  endpoint, through `DiffusionService.generate`.
+
+A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
+-> `DiffusionService.generate` -> `process_output` (PNG files) -> store ->
+`process_output_from_database` on the way back out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Literal
+
+import bentoml
+from anyio import to_thread
+from bentoml.exceptions import BentoMLException
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.routing import Match
+
+from t2i_task.config import GenerationParameters, load_settings
+from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
+from t2i_task.runner import DiffusionRunner, GenerationRequest
+from t2i_task.store import DuplicateSessionName, NotFoundError, Store
+from t2i_task.task import TextToImageGenerationTask
+
+settings = load_settings()
+TASK_NAME = TextToImageGenerationTask.__name__
+MODEL_NAME = settings.model.name
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
+
+
+class GeneratedImages(BaseModel):
+    """One request's images as raw RGB pixels: PNG encoding happens in the API
+    process, beside the next batch, not in the model's worker."""
+
+    width: int
+    height: int
+    pixels: list[bytes]
+    seeds: list[int]
+
+    def images(self) -> list[Image.Image]:
+        return [Image.frombytes("RGB", (self.width, self.height), data) for data in self.pixels]
+
+
+@bentoml.service(
+    name="t2i-diffusion",
+    resources={"gpu": 1},
+    workers=1,
+    traffic={"timeout": settings.serving.request_timeout_s},
+)
+class DiffusionService:
+    def __init__(self) -> None:
+        # Loaded before the worker reports ready, so /readyz waits for the model.
+        self.runner = DiffusionRunner(
+            settings.model.path,
+            settings.runtime,
+            scheduler=settings.model.scheduler,
+            local_files_only=settings.model.local_files_only,
+        )
+
+    @bentoml.api(
+        batchable=True,
+        max_batch_size=settings.batching.max_batch_size,
+        max_latency_ms=settings.batching.max_latency_ms,
+    )
+    def generate(self, requests: list[GenerationRequest]) -> list[GeneratedImages]:
+        return [
+            GeneratedImages(
+                width=request.width,
+                height=request.height,
+                pixels=[image.convert("RGB").tobytes() for image in result.images],
+                seeds=result.seeds,
+            )
+            for request, result in zip(requests, self.runner.generate(requests))
+        ]
+
+
+# HTTP schemas
+
+
+class ApiError(Exception):
+    """A client-facing error: status, message, and the request field it is about."""
+
+    def __init__(self, status: int, message: str, param: str | None = None, headers: dict | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.headers = status, message, param, headers
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    task_name: str
+    name: str = Field(min_length=1, max_length=255)
+    model_name: str | None = Field(default=None, description="Omitted: the served model.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    description: str | None = None
+
+
+class ParametersUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    parameters: dict[str, Any]
+
+
+class ProcessCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: int = Field(ge=1, le=2**31 - 1)
+    input: list[str] = Field(min_length=1)
+
+
+class ImageGenerationRequest(BaseModel):
+    """OpenAI's `images.generate` body plus diffusion extensions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    n: int = Field(default=1, ge=1)
+    size: str | None = Field(default=None, description='"WIDTHxHEIGHT", e.g. "512x512".')
+    response_format: Literal["url", "b64_json"] = "url"
+    user: str | None = None
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = None
+
+
+def session_json(session: GenerativeSession) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "name": session.name,
+        "task_name": session.task_name,
+        "model_name": session.model_name,
+        "parameters": session.parameters,
+        "description": session.description,
+        "created": session.created.isoformat(),
+        "last_modified": session.last_modified.isoformat(),
+    }
+
+
+def rows_json(rows: list[ProcessData]) -> list[dict[str, Any]]:
+    return [{"id": row.id, "data": row.data, "data_type": row.data_type} for row in rows]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def field_errors(exc: ValidationError | RequestValidationError) -> list[tuple[str, str]]:
+    """(field, message) pairs; the field is the dotted path without FastAPI's 'body'/'query' prefix."""
+    pairs = []
+    for error in exc.errors():
+        location = [str(part) for part in error["loc"] if part not in ("body", "query", "path", "form")]
+        pairs.append((".".join(location) or "body", error["msg"]))
+    return pairs
+
+
+def parameters_error(exc: ValueError) -> ApiError:
+    """A 422 naming the parameter that broke a limit or a type."""
+    if isinstance(exc, ValidationError):
+        field, message = field_errors(exc)[0]
+        return ApiError(422, f"{field}: {message}", param=field)
+    field = str(exc).split(" ", 1)[0]
+    return ApiError(422, str(exc), param=field)
+
+
+app = FastAPI(
+    title="t2i-task",
+    description="DashAI's TextToImageGenerationTask: DashAI generative API and OpenAI-compatible Images API.",
+    version="0.1.0",
+)
+
+
+def _is_openai(request: Request) -> bool:
+    return request.url.path.startswith("/v1/")
+
+
+def _error_response(request: Request, error: ApiError) -> JSONResponse:
+    if _is_openai(request):
+        kind = "invalid_request_error" if error.status < 500 else "server_error"
+        body = {"error": {"message": error.message, "type": kind, "param": error.param, "code": None}}
+    else:
+        body = {"detail": error.message}
+        if error.param:
+            body["field"] = error.param
+    return JSONResponse(body, status_code=error.status, headers=error.headers)
+
+
+@app.exception_handler(ApiError)
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return _error_response(request, exc)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = field_errors(exc)
+    message = "; ".join(f"{field}: {text}" for field, text in errors)
+    status = 400 if _is_openai(request) else 422  # OpenAI answers 400, FastAPI/DashAI 422
+    return _error_response(request, ApiError(status, message, param=errors[0][0] if errors else None))
+
+
+@app.exception_handler(NotFoundError)
+async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
+    return _error_response(request, ApiError(404, str(exc)))
+
+
+@bentoml.service(
+    name="t2i",
+    traffic={"timeout": settings.serving.request_timeout_s, "max_concurrency": settings.serving.max_concurrency},
+)
+@bentoml.asgi_app(app, path="/")
+class TextToImageService:
+    diffusion = bentoml.depends(DiffusionService)
+
+    def __init__(self) -> None:
+        self.store = Store(settings.storage.database_url, settings.storage.images_dir)
+        self.task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
+        # Processes accepted but not ended; held here so their tasks are not garbage-collected.
+        self.pending: set[asyncio.Task] = set()
+        # Keeps the batcher's queue to about two full batches: work beyond waits
+        # here as DELIVERED instead of being refused by the batcher (503).
+        self.runner_slots = asyncio.Semaphore(2 * settings.batching.max_batch_size)
+
+    async def db(self, call: Callable, *args, **kwargs):
+        """Run a blocking store call off the event loop."""
+        return await to_thread.run_sync(lambda: call(*args, **kwargs))
+
+    # Generation, shared by every endpoint
+
+    async def generate_for_process(
+        self, process: GenerativeProcess, params: GenerationParameters
+    ) -> list[tuple[str, str]]:
+        """Run one stored process to its end: FINISHED with its images, or ERROR with the reason.
+
+        Returns the output rows (file names) on success, raises on failure.
+        """
+        saved: list[tuple[str, str]] = []
+        try:
+            prompt = self.task.prepare_for_task(process.input)
+            request = GenerationRequest(
+                prompt=prompt,
+                negative_prompt=params.negative_prompt,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                width=params.width,
+                height=params.height,
+                seed=params.seed,
+                num_images=params.num_images_per_prompt,
+            )
+            async with self.runner_slots:
+                await self.db(self.store.start_process, process.id)
+                [generated] = await self.diffusion.to_async.generate([request])
+            provenance = [
+                {
+                    "prompt": prompt,
+                    "negative_prompt": params.negative_prompt,
+                    "seed": seed,
+                    "num_inference_steps": params.num_inference_steps,
+                    "guidance_scale": params.guidance_scale,
+                    "size": f"{params.width}x{params.height}",
+                    "model": MODEL_NAME,
+                }
+                for seed in generated.seeds
+            ]
+            saved = await to_thread.run_sync(
+                lambda: self.task.process_output(
+                    generated.images(), images_path=self.store.images_dir, parameters=provenance
+                )
+            )
+            await self.db(self.store.finish_process, process.id, saved)
+            return saved
+        except BaseException as exc:
+            self.store.remove_images(name for name, _ in saved)
+            reason = str(exc) or type(exc).__name__
+            try:
+                await self.db(self.store.fail_process, process.id, reason)
+            except Exception:  # the process may already be ended, or the database gone
+                pass
+            raise
+
+    def accept_process(self, process: GenerativeProcess, params: GenerationParameters) -> None:
+        """Run a stored process in the background; the caller answers at once."""
+        job = asyncio.create_task(self.generate_for_process(process, params))
+        self.pending.add(job)
+        job.add_done_callback(self._forget)
+
+    def _forget(self, job: asyncio.Task) -> None:
+        self.pending.discard(job)
+        if not job.cancelled():
+            job.exception()  # consumed: the failure is already recorded as the process's ERROR
+
+    def refuse_when_full(self) -> None:
+        if len(self.pending) >= settings.serving.max_queued_processes:
+            raise ApiError(
+                429,
+                f"Server busy: {len(self.pending)} processes are queued. Retry later.",
+                headers={"Retry-After": "5"},
+            )
+
+    def process_json(self, process: GenerativeProcess, as_base64: bool = False) -> dict[str, Any]:
+        try:
+            output = self.task.process_output_from_database(
+                process.output, images_path=self.store.images_dir, as_base64=as_base64
+            )
+        except FileNotFoundError as exc:
+            raise ApiError(404, f"An image of process {process.id} is missing: {Path(exc.filename).name}") from exc
+        return {
+            "id": process.id,
+            "session_id": process.session_id,
+            "status": int(process.status),
+            "created": _iso(process.created),
+            "last_modified": _iso(process.last_modified),
+            "delivery_time": _iso(process.delivery_time),
+            "start_time": _iso(process.start_time),
+            "end_time": _iso(process.end_time),
+            "input": rows_json(self.task.process_input_from_database(process.input)),
+            "output": rows_json(output),
+        }
+
+    # DashAI: sessions
+
+    @app.post("/api/v1/generative-session/", status_code=201)
+    @app.post("/api/v1/generative-session", status_code=201, include_in_schema=False)
+    async def create_session(self, body: SessionCreate) -> dict[str, Any]:
+        if body.task_name != TASK_NAME:
+            raise ApiError(400, f"Task {body.task_name} is not registered.", param="task_name")
+        model_name = body.model_name or MODEL_NAME
+        if model_name != MODEL_NAME:
+            raise ApiError(400, f"Model {model_name} is not registered. Served: {MODEL_NAME}.", param="model_name")
+        try:
+            params = settings.validate_parameters(body.parameters)
+        except ValueError as exc:
+            raise parameters_error(exc) from exc
+        try:
+            session = await self.db(
+                self.store.create_session,
+                task_name=TASK_NAME,
+                model_name=model_name,
+                name=body.name,
+                parameters=params.model_dump(),
+                description=body.description,
+            )
+        except DuplicateSessionName as exc:
+            raise ApiError(409, str(exc), param="name") from exc
+        return session_json(session)
+
+    @app.get("/api/v1/generative-session/")
+    @app.get("/api/v1/generative-session", include_in_schema=False)
+    async def list_sessions(self) -> list[dict[str, Any]]:
+        return [session_json(s) for s in await self.db(self.store.list_sessions)]
+
+    @app.get("/api/v1/generative-session/{session_id}")
+    async def get_session(self, session_id: int) -> dict[str, Any]:
+        return session_json(await self.db(self.store.get_session, session_id))
+
+    @app.put("/api/v1/generative-session/{session_id}/parameters")
+    async def update_parameters(self, session_id: int, body: ParametersUpdate) -> dict[str, Any]:
+        try:
+            params = settings.validate_parameters(body.parameters)
+        except ValueError as exc:
+            raise parameters_error(exc) from exc
+        return session_json(await self.db(self.store.update_session_parameters, session_id, params.model_dump()))
+
+    # DashAI: processes
+
+    @app.post("/api/v1/generative-process/", status_code=201)
+    @app.post("/api/v1/generative-process", status_code=201, include_in_schema=False)
+    async def create_process(self, request: Request) -> dict[str, Any]:
+        """JSON `{session_id, input: [prompt]}` or DashAI's form (`session_id`, `text_0`)."""
+        body = await self._process_body(request)
+        self.refuse_when_full()
+        try:
+            inputs = self.task.prepare_input_for_database(body.input)
+        except ValueError as exc:
+            raise ApiError(422, f"input: {exc}", param="input") from exc
+        session = await self.db(self.store.get_session, body.session_id)
+        try:
+            params = GenerationParameters.model_validate(session.parameters)
+        except ValidationError as exc:
+            raise ApiError(409, f"Session {session.id} has unusable parameters: {exc}") from exc
+        process = await self.db(self.store.create_process, session.id, inputs)
+        self.accept_process(process, params)
+        return self.process_json(process)
+
+    @staticmethod
+    async def _process_body(request: Request) -> ProcessCreate:
+        content_type = request.headers.get("content-type", "")
+        try:
+            if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+                form = await request.form()
+                texts = [form[key] for key in sorted(k for k in form if k.startswith("text_"))]
+                data: Any = {"session_id": form.get("session_id"), "input": texts}
+            else:
+                data = await request.json()
+        except Exception as exc:
+            raise ApiError(400, f"Request body is not valid JSON or form data: {exc}") from exc
+        try:
+            return ProcessCreate.model_validate(data)
+        except ValidationError as exc:
+            errors = field_errors(exc)
+            raise ApiError(422, "; ".join(f"{f}: {m}" for f, m in errors), param=errors[0][0]) from exc
+
+    @app.get("/api/v1/generative-process/image/{filename}")
+    async def get_image(self, filename: str) -> FileResponse:
+        path = self.store.images_dir / filename
+        # A bare name only, and no symlink out of the images folder.
+        if not IMAGE_NAME.match(filename) or path.is_symlink() or not path.is_file():
+            raise ApiError(404, f"Image {filename!r} does not exist.", param="filename")
+        return FileResponse(path, media_type="image/png")
+
+    @app.get("/api/v1/generative-process/session/{session_id}")
+    async def list_processes(self, session_id: int, base64: bool = False) -> list[dict[str, Any]]:
+        return [self.process_json(p, base64) for p in await self.db(self.store.list_processes, session_id)]
+
+    @app.get("/api/v1/generative-process/{process_id}")
+    async def get_process(self, process_id: int, base64: bool = False) -> dict[str, Any]:
+        return self.process_json(await self.db(self.store.get_process, process_id), base64)
+
+    @app.delete("/api/v1/generative-process/{process_id}")
+    async def delete_process(self, process_id: int) -> dict[str, Any]:
+        await self.db(self.store.delete_process, process_id)
+        return {"id": process_id, "deleted": True}
+
+    @app.get("/api/v1/task/metadata")
+    async def task_metadata(self) -> dict[str, Any]:
+        return TextToImageGenerationTask.get_metadata()
+
+    # OpenAI
+
+    @app.get("/v1/models")
+    async def list_models(self) -> dict[str, Any]:
+        return {
+            "object": "list",
+            "data": [{"id": MODEL_NAME, "object": "model", "created": 0, "owned_by": "t2i-task"}],
+        }
+
+    @app.post("/v1/images/generations")
+    async def generate_images(self, body: ImageGenerationRequest, request: Request) -> dict[str, Any]:
+        if body.model is not None and body.model != MODEL_NAME:
+            raise ApiError(400, f"Model {body.model!r} is not served. Served models: {MODEL_NAME}.", param="model")
+        params = self._openai_parameters(body)
+        try:
+            inputs = self.task.prepare_input_for_database([body.prompt])
+        except ValueError as exc:
+            raise ApiError(400, str(exc), param="prompt") from exc
+
+        session = await self.db(
+            self.store.get_or_create_session,
+            task_name=TASK_NAME,
+            model_name=MODEL_NAME,
+            name=f"openai-images-{MODEL_NAME}",
+            parameters=settings.defaults.model_dump(),
+        )
+        process = await self.db(self.store.create_process, session.id, inputs)
+        try:
+            saved = await self.generate_for_process(process, params)
+        except BentoMLException as exc:
+            status = exc.error_code if exc.error_code in (429, 503, 504) else 500
+            raise ApiError(int(status), f"Generation failed: {exc}", headers={"Retry-After": "5"}) from exc
+
+        if body.response_format == "url":
+            base = str(request.base_url).rstrip("/")
+            data = [{"url": f"{base}/api/v1/generative-process/image/{name}"} for name, _ in saved]
+        else:
+            rows = [ProcessData(data=name, data_type=kind, is_input=False) for name, kind in saved]
+            shown = self.task.process_output_from_database(rows, images_path=self.store.images_dir, as_base64=True)
+            data = [{"b64_json": row.data} for row in shown]
+        return {"created": int(time.time()), "data": data}
+
+    @staticmethod
+    def _openai_parameters(body: ImageGenerationRequest) -> GenerationParameters:
+        overrides: dict[str, Any] = {"num_images_per_prompt": body.n}
+        if body.size is not None:
+            match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", body.size)
+            if not match:
+                raise ApiError(400, f"size must be 'WIDTHxHEIGHT', e.g. '512x512', got {body.size!r}", param="size")
+            overrides["width"], overrides["height"] = int(match[1]), int(match[2])
+        for field in ("negative_prompt", "num_inference_steps", "guidance_scale", "seed"):
+            if getattr(body, field) is not None:
+                overrides[field] = getattr(body, field)
+        try:
+            return settings.validate_parameters(overrides)
+        except ValueError as exc:
+            error = parameters_error(exc)
+            param = {"num_images_per_prompt": "n", "width": "size", "height": "size"}.get(error.param, error.param)
+            raise ApiError(400, error.message, param=param) from exc
+
+
+# Registered last, for this API's own prefixes: BentoML's outer router answers
+# paths that no route matches with a plain-text 404; these keep errors JSON.
+async def _no_such_route(request: Request, path: str) -> JSONResponse:
+    for route in app.router.routes:
+        if getattr(route, "endpoint", None) is not _no_such_route and route.matches(request.scope)[0] is Match.PARTIAL:
+            raise ApiError(405, f"Method {request.method} is not allowed on {request.url.path}.")
+    raise ApiError(404, f"No route {request.url.path}.")
+
+
+for _prefix in ("/api/", "/v1/"):
+    app.add_api_route(
+        _prefix + "{path:path}",
+        _no_such_route,
+        methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
+        include_in_schema=False,
+    )

@@ -1,0 +1,43 @@
+"""`bentoml build` turns the project into a deployable Bento, offline."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import yaml
+
+from t2i_task.tiny_model import write_tiny_model
+from tests.server import BENTOML, PROJECT_ROOT
+
+
+def test_bentoml_build_packs_code_configuration_model_and_gpu_dockerfile(tmp_path):
+    model = PROJECT_ROOT / "models" / "tiny-sd"
+    if not (model / "model_index.json").exists():
+        write_tiny_model(model)  # what `make model` does
+    env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
+
+    done = subprocess.run(
+        [str(BENTOML), "build", "--output", "tag"], cwd=PROJECT_ROOT, env=env, capture_output=True, text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    [bento] = [p for p in (tmp_path / "home" / "bentos" / "t2i-task").iterdir() if p.name != "latest"]
+    src = bento / "src"
+    for path in ("service.py", "configuration.yaml", "t2i_task/task.py", "t2i_task/runner.py", "t2i_task/store.py",
+                 "models/tiny-sd/model_index.json", "models/tiny-sd/unet/diffusion_pytorch_model.safetensors",
+                 "models/tiny-sd/tokenizer/tokenizer.json"):
+        assert (src / path).is_file(), f"{path} missing from the Bento"
+    for unwanted in ("tests", ".venv", "data", ".git"):
+        assert not (src / unwanted).exists(), f"{unwanted} must not be packed"
+    assert not list(src.rglob("__pycache__"))
+
+    assert yaml.safe_load((bento / "bento.yaml").read_text())["service"] == "service:TextToImageService"
+    requirements = (bento / "env" / "python" / "requirements.txt").read_text().split()
+    assert "torch==2.13.0" in requirements and "bentoml==1.4.40" in requirements
+    dockerfile = (bento / "env" / "docker" / "Dockerfile").read_text()
+    assert "install.sh" in dockerfile and 'uv pip install "xformers' in dockerfile
+
+    openapi = (bento / "apis" / "openapi.yaml").read_text()
+    assert "/v1/images/generations" in openapi and "/api/v1/generative-process/" in openapi

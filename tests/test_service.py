@@ -1,0 +1,349 @@
+"""The real server over real HTTP: DashAI's flow, OpenAI's client, batching, errors."""
+
+from __future__ import annotations
+
+import base64
+import io
+import re
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from PIL import Image
+
+from tests.server import start_server, write_config
+
+TASK = "TextToImageGenerationTask"
+BATCH_TOLERANCE = 2  # as in test_runner: rounding differences between batch sizes, of 255
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    config = write_config(tmp_path_factory.mktemp("server"), tiny_model_path)
+    server = start_server(config)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=60) as client:
+        yield client
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
+
+
+def create_session(http, name, **parameters) -> dict:
+    response = http.post(
+        "/api/v1/generative-session/",
+        json={"task_name": TASK, "model_name": "tiny-sd", "name": name, "parameters": parameters},
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def wait_until_ended(http, process_id: int, timeout: float = 30) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        process = http.get(f"/api/v1/generative-process/{process_id}").json()
+        if process["status"] in (3, 4):
+            return process
+        time.sleep(0.05)
+    raise AssertionError(f"process {process_id} still {process['status']} after {timeout}s")
+
+
+def decode(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"), dtype=np.int16)
+
+
+def batch_size_totals(http) -> tuple[float, float]:
+    """(sum, count) of the diffusion service's adaptive batch sizes, from /metrics."""
+    text = http.get("/metrics").text
+    totals = {}
+    for kind in ("sum", "count"):
+        match = re.search(rf'^bentoml_service_adaptive_batch_size_{kind}{{[^}}]*method_name="generate"[^}}]*}} (\S+)$',
+                          text, re.MULTILINE)
+        assert match, f"no adaptive batch size {kind} in /metrics"
+        totals[kind] = float(match[1])
+    return totals["sum"], totals["count"]
+
+
+def test_health_endpoints_answer(http):
+    assert http.get("/readyz").status_code == 200
+    assert http.get("/livez").status_code == 200
+    assert "bentoml_service_request_total" in http.get("/metrics").text
+
+
+def test_dashai_flow_from_session_to_png(http):
+    session = create_session(http, "dashai-flow", width=96, height=64, seed=11, num_inference_steps=2)
+    assert session["parameters"]["width"] == 96 and session["model_name"] == "tiny-sd"
+
+    created = http.post("/api/v1/generative-process/", data={"session_id": str(session["id"]), "text_0": "a red circle"})
+    assert created.status_code == 201, created.text
+    assert created.json()["status"] == 1  # DELIVERED: answered before the image exists
+    assert created.json()["input"] == [{"id": created.json()["input"][0]["id"], "data": "a red circle", "data_type": "str"}]
+
+    process = wait_until_ended(http, created.json()["id"])
+    assert process["status"] == 3, process
+    assert process["start_time"] and process["end_time"] >= process["start_time"]
+    [row] = process["output"]
+    assert row["data_type"] == "Image" and re.fullmatch(r"[0-9a-f-]{36}\.png", row["data"])
+
+    image = http.get(f"/api/v1/generative-process/image/{row['data']}")
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    png = Image.open(io.BytesIO(image.content))
+    assert png.size == (96, 64)
+    assert png.text["prompt"] == "a red circle" and png.text["seed"] == "11" and png.text["model"] == "tiny-sd"
+
+    as_base64 = http.get(f"/api/v1/generative-process/{process['id']}", params={"base64": "true"}).json()
+    assert base64.b64decode(as_base64["output"][0]["data"]) == image.content
+
+
+def test_processes_are_listed_per_session_and_deleted_with_their_files(http):
+    session = create_session(http, "listing", num_inference_steps=1)
+    ids = []
+    for prompt in ("one", "two"):
+        response = http.post("/api/v1/generative-process/", json={"session_id": session["id"], "input": [prompt]})
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    ended = [wait_until_ended(http, i) for i in ids]
+
+    listed = http.get(f"/api/v1/generative-process/session/{session['id']}").json()
+    assert [p["id"] for p in listed] == ids and [p["input"][0]["data"] for p in listed] == ["one", "two"]
+
+    image_name = ended[0]["output"][0]["data"]
+    assert http.delete(f"/api/v1/generative-process/{ids[0]}").status_code == 200
+    assert http.get(f"/api/v1/generative-process/{ids[0]}").status_code == 404
+    assert http.get(f"/api/v1/generative-process/image/{image_name}").status_code == 404
+    assert [p["id"] for p in http.get(f"/api/v1/generative-process/session/{session['id']}").json()] == ids[1:]
+
+
+def test_session_parameters_can_be_updated(http):
+    session = create_session(http, "updates")
+    response = http.put(f"/api/v1/generative-session/{session['id']}/parameters", json={"parameters": {"width": 128}})
+    assert response.status_code == 200, response.text
+    assert http.get(f"/api/v1/generative-session/{session['id']}").json()["parameters"]["width"] == 128
+
+    process = http.post("/api/v1/generative-process/", json={"session_id": session["id"], "input": ["x"]}).json()
+    name = wait_until_ended(http, process["id"])["output"][0]["data"]
+    assert Image.open(io.BytesIO(http.get(f"/api/v1/generative-process/image/{name}").content)).size == (128, 64)
+
+
+def test_task_metadata_is_served(http):
+    assert http.get("/api/v1/task/metadata").json() == {
+        "inputs_types": ["str"], "outputs_types": ["Image"], "inputs_cardinality": 1, "outputs_cardinality": "n",
+    }
+
+
+def test_openai_client_gets_base64_images_and_the_call_is_recorded(client, http):
+    assert [model.id for model in client.models.list()] == ["tiny-sd"]
+    result = client.images.generate(
+        model="tiny-sd", prompt="a blue square", n=2, size="64x96", response_format="b64_json",
+        extra_body={"seed": 21, "num_inference_steps": 2, "guidance_scale": 5.0, "negative_prompt": "red"},
+    )
+    assert len(result.data) == 2 and result.created > 0
+    assert [decode(item.b64_json).shape for item in result.data] == [(96, 64, 3), (96, 64, 3)]
+
+    sessions = [s for s in http.get("/api/v1/generative-session/").json() if s["name"] == "openai-images-tiny-sd"]
+    [recorded] = [p for p in http.get(f"/api/v1/generative-process/session/{sessions[0]['id']}").json()
+                  if p["input"][0]["data"] == "a blue square"]
+    assert recorded["status"] == 3 and len(recorded["output"]) == 2
+
+
+def test_openai_client_gets_urls_that_serve_the_png(client, http):
+    result = client.images.generate(prompt="a green triangle", size="64x64", response_format="url",
+                                     extra_body={"num_inference_steps": 1})
+    [item] = result.data
+    png = httpx.get(item.url)
+    assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+    assert Image.open(io.BytesIO(png.content)).size == (64, 64)
+
+
+def test_openai_errors_name_the_parameter(client):
+    with pytest.raises(openai.BadRequestError) as error:
+        client.images.generate(model="dall-e-3", prompt="a cat")
+    assert error.value.body["param"] == "model" and "tiny-sd" in error.value.body["message"]
+
+    for call, param in (
+        (dict(prompt="a cat", size="65x64"), "size"),
+        (dict(prompt="a cat", size="big"), "size"),
+        (dict(prompt="a cat", n=50), "n"),
+        (dict(prompt="", size="64x64"), "prompt"),
+        (dict(prompt="a cat", extra_body={"num_inference_steps": 0}), "num_inference_steps"),
+        (dict(prompt="a cat", extra_body={"num_inference_steps": 10_000}), "num_inference_steps"),
+    ):
+        with pytest.raises(openai.BadRequestError) as error:
+            client.images.generate(**call)
+        assert error.value.status_code == 400
+        assert error.value.body["param"] == param, (call, error.value.body)
+        assert error.value.body["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("parameters", "field"),
+    [
+        ({"width": 100}, "width"),
+        ({"height": 4096}, "height"),
+        ({"num_inference_steps": 0}, "num_inference_steps"),
+        ({"num_inference_steps": 1000}, "num_inference_steps"),
+        ({"guidance_scale": -1}, "guidance_scale"),
+        ({"num_images_per_prompt": 99}, "num_images_per_prompt"),
+        ({"sampler": "euler"}, "sampler"),
+    ],
+)
+def test_bad_session_parameters_get_a_422_naming_the_field(http, parameters, field):
+    response = http.post(
+        "/api/v1/generative-session/", json={"task_name": TASK, "name": f"bad-{field}", "parameters": parameters}
+    )
+    assert response.status_code == 422
+    assert response.json()["field"] == field and field in response.json()["detail"]
+
+
+def test_unregistered_model_or_task_is_a_400(http):
+    for body, message in (
+        ({"task_name": "ImageClassificationTask", "name": "x"}, "Task ImageClassificationTask is not registered."),
+        ({"task_name": TASK, "model_name": "sdxl", "name": "y"}, "Model sdxl is not registered."),
+    ):
+        response = http.post("/api/v1/generative-session/", json=body)
+        assert response.status_code == 400 and response.json()["detail"].startswith(message)
+
+
+def test_process_errors_are_json_and_store_nothing(http):
+    session = create_session(http, "errors")
+    cases = [
+        ({"json": {"session_id": 99999, "input": ["a cat"]}}, 404, "Session with ID 99999 does not exist."),
+        ({"json": {"session_id": session["id"]}}, 422, "input"),
+        ({"data": {"session_id": str(session["id"])}}, 422, "input"),
+        ({"json": {"session_id": session["id"], "input": ["   "]}}, 422, "prompt is empty"),
+        ({"content": b"{not json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ]
+    for request, status, message in cases:
+        response = http.post("/api/v1/generative-process/", **request)
+        assert response.status_code == status, (request, response.text)
+        assert message in response.json()["detail"]
+    assert http.get(f"/api/v1/generative-process/session/{session['id']}").json() == []
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/v1/generative-process/image/..%2F..%2Fetc%2Fpasswd",
+        "/api/v1/generative-process/image/%2e%2e",
+        "/api/v1/generative-process/image/%2Fetc%2Fpasswd",
+        "/api/v1/generative-process/image/..",
+        "/api/v1/generative-process/image/missing.png",
+        "/api/v1/generative-process/image/t2i.db",
+    ],
+)
+def test_image_route_serves_only_bare_png_names(server, path):
+    response = httpx.get(server.url + path)
+    # 404, or 405 where the client resolved ".." to the process route before sending
+    assert response.status_code in (404, 405)
+    assert response.headers["content-type"] == "application/json"
+    assert "detail" in response.json()
+
+
+def test_image_route_does_not_follow_symlinks(server, http):
+    images = server.config.parent / "images"
+    images.mkdir(exist_ok=True)
+    (images / "escape.png").symlink_to(server.config)
+    assert http.get("/api/v1/generative-process/image/escape.png").status_code == 404
+
+
+def test_concurrent_requests_share_batches(http, client):
+    before = batch_size_totals(http)
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(
+            lambda i: client.images.generate(prompt=f"prompt {i}", size="64x64", response_format="b64_json",
+                                             extra_body={"seed": i, "num_inference_steps": 4}),
+            range(16),
+        ))
+    after = batch_size_totals(http)
+
+    assert all(len(r.data) == 1 for r in results)
+    batches, requests = after[1] - before[1], after[0] - before[0]
+    assert requests == 16
+    assert requests / batches > 1, f"16 requests ran in {batches:.0f} batches: no batching"
+
+
+def test_a_seed_gives_the_same_image_alone_and_under_concurrent_load(client):
+    def generate(prompt, seed):
+        return decode(client.images.generate(
+            prompt=prompt, size="64x64", response_format="b64_json",
+            extra_body={"seed": seed, "num_inference_steps": 3},
+        ).data[0].b64_json)
+
+    alone = generate("a white circle", 777)
+    with ThreadPoolExecutor(16) as pool:
+        loaded = list(pool.map(
+            lambda i: generate("a white circle", 777) if i == 7 else generate(f"noise {i}", 1000 + i), range(16)
+        ))
+    assert np.abs(alone - loaded[7]).max() <= BATCH_TOLERANCE
+    assert np.abs(alone - loaded[8]).max() > 10
+
+
+def test_unknown_routes_and_methods_get_json_errors(http):
+    assert http.get("/api/v1/nothing").status_code == 404
+    assert http.get("/api/v1/nothing").json()["detail"] == "No route /api/v1/nothing."
+    response = http.delete("/v1/models")
+    assert response.status_code == 405 and "error" in response.json()
+
+
+@pytest.fixture(scope="module")
+def small_server(tiny_model_path, tmp_path_factory):
+    config = write_config(
+        tmp_path_factory.mktemp("small-server"), tiny_model_path,
+        serving={"max_concurrency": 2, "max_queued_processes": 2},
+    )
+    server = start_server(config)
+    yield server
+    server.stop()
+
+
+def test_overload_is_refused_with_json_429_and_accepted_work_ends(small_server):
+    slow = {"size": "256x256", "response_format": "b64_json", "num_inference_steps": 30}
+    with httpx.Client(base_url=small_server.url, timeout=120) as http, ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(
+            lambda i: http.post("/v1/images/generations", json={"prompt": f"p{i}", "seed": i, **slow}), range(8)
+        ))
+        statuses = sorted(r.status_code for r in answers)
+        assert set(statuses) == {200, 429}, statuses
+        assert all(r.json() for r in answers)  # every answer, refusals included, is JSON
+
+        session = create_session(http, "overload", num_inference_steps=30, width=256, height=256)
+        created = [
+            http.post("/api/v1/generative-process/", json={"session_id": session["id"], "input": [f"q{i}"]})
+            for i in range(5)
+        ]
+        accepted = [r.json()["id"] for r in created if r.status_code == 201]
+        refused = [r for r in created if r.status_code == 429]
+        assert len(accepted) == 2 and len(refused) == 3
+        assert all(r.headers["retry-after"] and "busy" in r.json()["detail"] for r in refused)
+        assert [wait_until_ended(http, i, timeout=120)["status"] for i in accepted] == [3, 3]
+        stored = http.get(f"/api/v1/generative-process/session/{session['id']}").json()
+        assert sorted(p["id"] for p in stored) == sorted(accepted), "refused processes must not be stored"
+
+
+def test_readme_examples_work_as_printed(server, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.server import PROJECT_ROOT
+
+    readme = (PROJECT_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Try it"):readme.index("## HTTP API")]
+    examples = re.findall(r"```(bash|python)\n(.*?)```", section, re.DOTALL)
+    assert len(examples) >= 3
+    for language, code in examples:
+        code = code.replace("http://127.0.0.1:3000", server.url)  # the test server's port
+        command = ["bash", "-euo", "pipefail", "-c", code] if language == "bash" else [sys.executable, "-c", code]
+        done = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, (code, done.stdout, done.stderr)
+    assert Image.open(tmp_path / "image.png").size == (64, 64)
+    assert len(list(tmp_path.glob("openai-*.png"))) == 2
