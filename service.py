@@ -304,7 +304,7 @@ class TextToImageService:
             try:
                 await self.db(self.store.fail_process, process.id, reason)
             except Exception:  # the process may already be ended, or the database gone
-                pass
+                logger.exception("could not record the failure of process %s", process.id)
             raise
 
     async def call_model(self, request: GenerationRequest) -> GeneratedImages:
