@@ -9,7 +9,7 @@ PORT ?= 3000
 # BentoML's usage tracking would try the network on every command.
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install model serve test bento bench-runner clean
+.PHONY: install model serve test bento bench bench-runner loadtest clean
 
 install: $(INSTALLED)
 
@@ -35,6 +35,18 @@ test: install model
 # A Bento (code, configuration, model, GPU Dockerfile) in $$BENTOML_HOME/bentos/.
 bento: install model
 	$(VENV)/bin/bentoml build
+
+# Bare-pipeline ceiling, then the real server at concurrency 1, 4, 16, 64:
+# prints a table, writes bench/results.json and .png, updates docs/benchmarks.md.
+bench: install model
+	$(PY) bench/benchmark.py $(BENCH_ARGS)
+
+# Locust against a running server: URL=http://host:port USERS=16 TIME=1m make loadtest
+URL ?= http://127.0.0.1:$(PORT)
+USERS ?= 16
+TIME ?= 1m
+loadtest: install
+	$(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(URL) -u $(USERS) -r $(USERS) -t $(TIME) --only-summary
 
 # DiffusionRunner.generate versus the bare diffusers pipeline (docs/benchmarks.md).
 bench-runner: install model

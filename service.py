@@ -249,6 +249,7 @@ class TextToImageService:
         # Keeps the batcher's queue to about two full batches: work beyond waits
         # here as DELIVERED instead of being refused by the batcher (503).
         self.runner_slots = asyncio.Semaphore(2 * settings.batching.max_batch_size)
+        self._openai_session_id: int | None = None
 
     async def db(self, call: Callable, *args, **kwargs):
         """Run a blocking store call off the event loop."""
@@ -490,14 +491,7 @@ class TextToImageService:
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from exc
 
-        session = await self.db(
-            self.store.get_or_create_session,
-            task_name=TASK_NAME,
-            model_name=MODEL_NAME,
-            name=f"openai-images-{MODEL_NAME}",
-            parameters=settings.defaults.model_dump(),
-        )
-        process = await self.db(self.store.create_process, session.id, inputs)
+        process = await self.db(self.store.create_process, await self.openai_session_id(), inputs)
         try:
             saved = await self.generate_for_process(process, params)
         except BentoMLException as exc:
@@ -512,6 +506,19 @@ class TextToImageService:
             shown = self.task.process_output_from_database(rows, images_path=self.store.images_dir, as_base64=True)
             data = [{"b64_json": row.data} for row in shown]
         return {"created": int(time.time()), "data": data}
+
+    async def openai_session_id(self) -> int:
+        """The session that records OpenAI calls as processes, looked up once."""
+        if self._openai_session_id is None:
+            session = await self.db(
+                self.store.get_or_create_session,
+                task_name=TASK_NAME,
+                model_name=MODEL_NAME,
+                name=f"openai-images-{MODEL_NAME}",
+                parameters=settings.defaults.model_dump(),
+            )
+            self._openai_session_id = session.id
+        return self._openai_session_id
 
     @staticmethod
     def _openai_parameters(body: ImageGenerationRequest) -> GenerationParameters:

@@ -41,7 +41,9 @@ class RuntimeConfig(_Section):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
     compile: bool = Field(default=False, description="torch.compile the UNet (slow first call, faster after).")
-    cpu_threads: int | None = Field(default=None, ge=1, description="torch intra-op threads on CPU; default: torch's choice.")
+    cpu_threads: int | None = Field(
+        default=None, ge=1, description="torch intra-op threads on CPU; default: every core but one, left to the HTTP process."
+    )
 
 
 class BatchingConfig(_Section):

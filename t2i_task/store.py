@@ -35,6 +35,10 @@ from t2i_task.models import (
 log = logging.getLogger(__name__)
 
 SQLITE_BUSY_TIMEOUT_MS = 30_000
+# Connections kept open for SQLite: as many as the threads that may use the
+# store at once (anyio's default thread pool), so none is opened per call
+# under load; opening one costs more than the queries it would serve.
+SQLITE_POOL_SIZE = 40
 ERROR_PREFIX = "Error details: "
 IMAGE_TYPE = "Image"
 
@@ -86,7 +90,9 @@ def _create_engine(database_url: str) -> Engine:
 
     if url.database and url.database != ":memory:":
         Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000})
+    engine = create_engine(
+        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_size=SQLITE_POOL_SIZE, max_overflow=0
+    )
 
     @event.listens_for(engine, "connect")
     def _sqlite_pragmas(dbapi_connection, _record) -> None:

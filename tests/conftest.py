@@ -10,6 +10,7 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from t2i_task.local_server import start_server, write_config
 from t2i_task.store import Store
 from t2i_task.tiny_model import write_tiny_model
 
@@ -62,3 +63,11 @@ def store(database_url, tmp_path):
     store = Store(database_url, tmp_path / "images")
     yield store
     store.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, tmp_path_factory):
+    """The real server (`bentoml serve`) on a free loopback port, with its own database and images folder."""
+    server = start_server(write_config(tmp_path_factory.mktemp("server"), tiny_model_path))
+    yield server
+    server.stop()

@@ -8,7 +8,7 @@ import subprocess
 import yaml
 
 from t2i_task.tiny_model import write_tiny_model
-from tests.server import BENTOML, PROJECT_ROOT
+from t2i_task.local_server import BENTOML, PROJECT_ROOT
 
 
 def test_bentoml_build_packs_code_configuration_model_and_gpu_dockerfile(tmp_path):

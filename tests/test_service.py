@@ -14,18 +14,10 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.server import start_server, write_config
+from t2i_task.local_server import start_server, write_config
 
 TASK = "TextToImageGenerationTask"
 BATCH_TOLERANCE = 2  # as in test_runner: rounding differences between batch sizes, of 255
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_path, tmp_path_factory):
-    config = write_config(tmp_path_factory.mktemp("server"), tiny_model_path)
-    server = start_server(config)
-    yield server
-    server.stop()
 
 
 @pytest.fixture
@@ -347,7 +339,7 @@ def test_readme_examples_work_as_printed(server, tmp_path):
     import subprocess
     import sys
 
-    from tests.server import PROJECT_ROOT
+    from t2i_task.local_server import PROJECT_ROOT
 
     readme = (PROJECT_ROOT / "README.md").read_text()
     section = readme[readme.index("## Try it"):readme.index("## HTTP API")]

@@ -1,4 +1,4 @@
-"""Start the real server (`bentoml serve` in a subprocess) for integration tests."""
+"""Start the real server (`bentoml serve` in a subprocess) on a free loopback port: for tests and benchmarks."""
 
 from __future__ import annotations
 
@@ -26,9 +26,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(folder: Path, model_path: Path, **overrides) -> Path:
-    """The shipped configuration with the test's model, a fresh database and images folder."""
-    config = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
+def write_config(folder: Path, model_path: Path, base: Path = DEFAULT_CONFIG_PATH, **overrides) -> Path:
+    """The `base` configuration with the given model, a fresh database and images folder in `folder`."""
+    config = yaml.safe_load(base.read_text())
     config["model"]["path"] = str(model_path)
     config["storage"] = {"database_url": f"sqlite:///{folder / 't2i.db'}", "images_dir": str(folder / "images")}
     for section, values in overrides.items():

@@ -1,0 +1,389 @@
+"""The benchmark suite behind `make bench`: the bare pipeline's ceiling, then the real server under load.
+
+1. Bare pipeline: images/s and latency of one `pipeline(...)` call at each
+   batch size, on the configured model and runtime (the ceiling the server can
+   reach).
+2. Served: `bentoml serve` on a free loopback port (fresh database and images
+   folder), then, at each concurrency, a closed loop of clients calling the
+   OpenAI endpoint (`b64_json`) for a fixed time: throughput, p50/p95/p99
+   latency, answers by status, the mean adaptive batch size (from /metrics)
+   and the peak memory of the server's processes.
+3. At the highest concurrency, a burst of DashAI processes: each is accepted
+   (201) or refused (429/503, JSON), and every accepted one must end FINISHED
+   or ERROR.
+
+Writes bench/results.json and bench/results.png (throughput and p95 latency
+against concurrency, the bare ceiling as a line) and rewrites the generated
+section of docs/benchmarks.md.
+
+    python bench/benchmark.py [--quick] [--concurrency 1 4 16 64] [--seconds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import re
+import statistics
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import psutil
+
+from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings
+from t2i_task.local_server import PROJECT_ROOT, start_server, write_config
+
+RESULTS = PROJECT_ROOT / "bench" / "results.json"
+CHART = PROJECT_ROOT / "bench" / "results.png"
+DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
+DOC_START, DOC_END = "<!-- make bench: start -->", "<!-- make bench: end -->"
+BATCH_METRIC = re.compile(
+    r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="generate"[^}]*\} (\S+)$', re.MULTILINE
+)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+def percentile(values: list[float], q: int) -> float:
+    if len(values) < 2:
+        return values[0] if values else float("nan")
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
+
+
+# 1. The bare pipeline
+
+
+def measure_bare_pipeline(model_path: str, runtime, batches: list[int], size: int, steps: int, guidance: float,
+                          rounds: int) -> list[dict]:
+    import torch
+
+    from t2i_task.runner import DiffusionRunner
+
+    runner = DiffusionRunner(model_path, runtime)  # same loading, placement and threads as the server's
+    pipeline, device = runner.pipeline, runner.placement.device
+    rows = []
+    for batch in batches:
+        def call() -> None:
+            pipeline(prompt=[f"a red circle {i}" for i in range(batch)], num_inference_steps=steps,
+                     guidance_scale=guidance, width=size, height=size, output_type="pil",
+                     generator=[torch.Generator(device).manual_seed(i) for i in range(batch)])
+
+        with torch.inference_mode():
+            call()  # warm-up
+            timings = []
+            for _ in range(rounds):
+                started = time.perf_counter()
+                call()
+                timings.append(time.perf_counter() - started)
+        median = statistics.median(timings)
+        rows.append({"batch": batch, "images_per_s": batch / median, "latency_ms": median * 1000})
+        log(f"  bare batch {batch:>2}: {batch / median:7.2f} images/s, {median * 1000:7.1f} ms per call")
+    return rows
+
+
+# 2. The server under load
+
+
+def batch_totals(url: str) -> tuple[float, float]:
+    totals = {kind: float(value) for kind, value in BATCH_METRIC.findall(httpx.get(f"{url}/metrics").text)}
+    return totals.get("sum", 0.0), totals.get("count", 0.0)
+
+
+def server_memory_mb(pid: int) -> float:
+    try:
+        root = psutil.Process(pid)
+        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
+    except psutil.Error:
+        return 0.0
+
+
+async def closed_loop(url: str, concurrency: int, seconds: float, body: dict, server_pid: int) -> dict:
+    """`concurrency` clients, each sending its next request when the last is answered."""
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    non_json_errors = 0
+    peak_memory = server_memory_mb(server_pid)
+    deadline = time.monotonic() + seconds
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        async def user(index: int) -> None:
+            nonlocal non_json_errors
+            n = 0
+            while time.monotonic() < deadline:
+                n += 1
+                started = time.perf_counter()
+                response = await client.post("/v1/images/generations", json={**body, "seed": index * 100_000 + n})
+                elapsed = time.perf_counter() - started
+                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+                if response.status_code == 200:
+                    latencies.append(elapsed)
+                else:
+                    try:
+                        response.json()
+                    except ValueError:
+                        non_json_errors += 1
+                    await asyncio.sleep(0.05)  # a refused client backs off a little, as real ones do
+
+        async def watch() -> None:
+            nonlocal peak_memory
+            started = time.monotonic()
+            while time.monotonic() < deadline:
+                await asyncio.sleep(1)
+                peak_memory = max(peak_memory, server_memory_mb(server_pid))
+                done = sum(statuses.values())
+                log(f"    {time.monotonic() - started:4.0f}s: {done} answers")
+
+        wall = time.perf_counter()
+        await asyncio.gather(watch(), *(user(i) for i in range(concurrency)))
+        wall = time.perf_counter() - wall
+
+    answered = sum(statuses.values())
+    return {
+        "requests": answered,
+        "images_per_s": len(latencies) * body["n"] / wall,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p95_ms": percentile(latencies, 95) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "statuses": {str(code): count for code, count in sorted(statuses.items())},
+        "share_429_503": (statuses.get(429, 0) + statuses.get(503, 0)) / answered if answered else 0.0,
+        "server_errors": sum(count for code, count in statuses.items() if code >= 500 and code != 503),
+        "non_json_errors": non_json_errors,
+        "peak_memory_mb": peak_memory,
+    }
+
+
+async def dashai_burst(url: str, concurrency: int, parameters: dict) -> dict:
+    """`concurrency` DashAI processes at once; every accepted one must end."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
+        session = await client.post("/api/v1/generative-session/", json={
+            "task_name": "TextToImageGenerationTask", "name": f"bench-{time.time_ns()}", "parameters": parameters,
+        })
+        session.raise_for_status()
+        answers = await asyncio.gather(*(
+            client.post("/api/v1/generative-process/", json={"session_id": session.json()["id"], "input": [f"p{i}"]})
+            for i in range(concurrency)
+        ))
+        accepted = [a.json()["id"] for a in answers if a.status_code == 201]
+        refused_json = all(a.headers.get("content-type", "").startswith("application/json") for a in answers)
+        ended: dict[str, int] = {}
+        deadline = time.monotonic() + 600
+        pending = set(accepted)
+        while pending and time.monotonic() < deadline:
+            for process_id in list(pending):
+                status = (await client.get(f"/api/v1/generative-process/{process_id}")).json()["status"]
+                if status in (3, 4):
+                    pending.discard(process_id)
+                    name = {3: "FINISHED", 4: "ERROR"}[status]
+                    ended[name] = ended.get(name, 0) + 1
+            await asyncio.sleep(0.2)
+    statuses: dict[str, int] = {}
+    for answer in answers:
+        statuses[str(answer.status_code)] = statuses.get(str(answer.status_code), 0) + 1
+    return {"sent": concurrency, "statuses": statuses, "accepted": len(accepted), "ended": ended,
+            "stuck": len(pending), "all_json": refused_json}
+
+
+def measure_server(config: Path, model_path: Path, levels: list[int], seconds: float, body: dict,
+                   parameters: dict) -> tuple[list[dict], dict]:
+    with tempfile.TemporaryDirectory(prefix="t2i-bench-") as folder:
+        server = start_server(write_config(Path(folder), model_path, base=config))
+        try:
+            log(f"  server ready at {server.url}; warming up (BentoML trains its batching model first)")
+            with httpx.Client(base_url=server.url, timeout=600) as client:
+                for i in range(30):
+                    client.post("/v1/images/generations", json={**body, "seed": i}).raise_for_status()
+            rows = []
+            for concurrency in levels:
+                log(f"  concurrency {concurrency} for {seconds:.0f}s")
+                before = batch_totals(server.url)
+                row = {"concurrency": concurrency, **asyncio.run(
+                    closed_loop(server.url, concurrency, seconds, body, server.process.pid))}
+                after = batch_totals(server.url)
+                row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                rows.append(row)
+                log(f"  -> {row['images_per_s']:.1f} images/s, p50 {row['p50_ms']:.0f} ms, "
+                    f"p95 {row['p95_ms']:.0f} ms, mean batch {row['mean_batch_size']:.2f}, {row['statuses']}")
+            log(f"  DashAI burst of {levels[-1]} processes")
+            burst = asyncio.run(dashai_burst(server.url, levels[-1], parameters))
+            log(f"  -> {burst}")
+        finally:
+            server.stop()
+    return rows, burst
+
+
+# 3. Reporting
+
+
+def check_targets(bare: list[dict], served: list[dict], burst: dict) -> list[dict]:
+    ceiling = max(row["images_per_s"] for row in bare)
+    bare_batch_1 = next((row["latency_ms"] for row in bare if row["batch"] == 1), None)
+    by_concurrency = {row["concurrency"]: row for row in served}
+    targets = []
+    if 16 in by_concurrency:
+        value = by_concurrency[16]["images_per_s"]
+        targets.append({"target": "throughput at concurrency 16 >= 90% of the bare pipeline's best",
+                        "value": f"{value:.1f} images/s = {100 * value / ceiling:.0f}% of {ceiling:.1f}",
+                        "met": value >= 0.9 * ceiling})
+    if 1 in by_concurrency and bare_batch_1 is not None:
+        value = by_concurrency[1]["p50_ms"]
+        targets.append({"target": "p50 latency at concurrency 1 <= bare batch-1 latency + 15 ms",
+                        "value": f"{value:.1f} ms vs {bare_batch_1:.1f} + 15 ms", "met": value <= bare_batch_1 + 15})
+    if 16 in by_concurrency:
+        errors = by_concurrency[16]["server_errors"]
+        targets.append({"target": "no 5xx at concurrency 16", "value": f"{errors} 5xx", "met": errors == 0})
+    top = served[-1]
+    bad = top["server_errors"] + top["non_json_errors"] + sum(
+        count for code, count in top["statuses"].items() if code not in ("200", "429", "503"))
+    targets.append({"target": f"at concurrency {top['concurrency']} only 200/429/503 with JSON bodies",
+                    "value": f"{top['statuses']}", "met": bad == 0})
+    targets.append({"target": "every accepted DashAI process ends FINISHED or ERROR",
+                    "value": f"{burst['accepted']} accepted, ended {burst['ended']}, stuck {burst['stuck']}",
+                    "met": burst["stuck"] == 0 and burst["all_json"]})
+    return targets
+
+
+def draw_chart(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    served = results["served"]
+    levels = [row["concurrency"] for row in served]
+    figure, throughput = plt.subplots(figsize=(7, 4.2))
+    throughput.plot(levels, [row["images_per_s"] for row in served], "o-", color="tab:blue", label="served images/s")
+    ceiling = max(row["images_per_s"] for row in results["bare"])
+    throughput.axhline(ceiling, color="tab:blue", linestyle="--", label=f"bare pipeline best ({ceiling:.0f}/s)")
+    throughput.set_xscale("log", base=2)
+    throughput.set_xticks(levels, [str(level) for level in levels])
+    throughput.set_xlabel("concurrent clients")
+    throughput.set_ylabel("images/s")
+    latency = throughput.twinx()
+    latency.plot(levels, [row["p95_ms"] for row in served], "s-", color="tab:red", label="p95 latency (ms)")
+    latency.set_ylabel("p95 latency (ms)")
+    lines = throughput.get_legend_handles_labels()[0] + latency.get_legend_handles_labels()[0]
+    labels = throughput.get_legend_handles_labels()[1] + latency.get_legend_handles_labels()[1]
+    throughput.set_ylim(bottom=0, top=ceiling * 1.15)
+    latency.set_ylim(bottom=0)
+    throughput.legend(lines, labels, loc="lower right", fontsize=8)
+    setting = results["setting"]
+    figure.suptitle(f"{setting['model']} {setting['size']}x{setting['size']}, {setting['steps']} steps, "
+                    f"{results['machine']['cpus']} CPUs, {results['date'][:10]}", fontsize=10)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def markdown(results: dict) -> str:
+    setting, machine = results["setting"], results["machine"]
+    lines = [
+        DOC_START,
+        f"Generated by `make bench` on {results['date'][:16].replace('T', ' ')} UTC, {machine['description']}; "
+        f"model `{setting['model']}`, {setting['size']}x{setting['size']}, {setting['steps']} steps, guidance "
+        f"{setting['guidance']}, {setting['seconds']:.0f} s per concurrency level, torch threads in the runner "
+        f"{setting['torch_threads']}. Raw figures: `bench/results.json`; chart: `bench/results.png`.",
+        "",
+        "| bare pipeline batch | images/s | ms per call |",
+        "|---:|---:|---:|",
+        *(f"| {r['batch']} | {r['images_per_s']:.2f} | {r['latency_ms']:.1f} |" for r in results["bare"]),
+        "",
+        "| concurrency | requests | images/s | p50 ms | p95 ms | p99 ms | mean batch | 429/503 share | answers | peak server memory |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+        *(f"| {r['concurrency']} | {r['requests']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | {r['p95_ms']:.0f} | "
+          f"{r['p99_ms']:.0f} | {r['mean_batch_size']:.2f} | {100 * r['share_429_503']:.1f}% | "
+          f"{', '.join(f'{k}: {v}' for k, v in r['statuses'].items())} | {r['peak_memory_mb']:.0f} MB |"
+          for r in results["served"]),
+        "",
+        f"DashAI burst: {results['dashai_burst']['sent']} processes at once -> answers "
+        f"{results['dashai_burst']['statuses']}, {results['dashai_burst']['accepted']} accepted, ended "
+        f"{results['dashai_burst']['ended']}, stuck {results['dashai_burst']['stuck']}.",
+        "",
+        "| target | measured | met |",
+        "|---|---|---|",
+        *(f"| {t['target']} | {t['value']} | {'yes' if t['met'] else '**no**'} |" for t in results["targets"]),
+        DOC_END,
+    ]
+    return "\n".join(lines)
+
+
+def update_doc(path: Path, section: str) -> None:
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if DOC_START in text and DOC_END in text:
+        text = text[: text.index(DOC_START)] + section + text[text.index(DOC_END) + len(DOC_END):]
+    else:
+        text = text.rstrip("\n") + "\n\n## Served benchmark (`make bench`)\n\n" + section + "\n"
+    path.write_text(text)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Bare-pipeline ceiling and served throughput/latency")
+    parser.add_argument("--config", type=Path, default=None, help="configuration file (default: T2I_CONFIG or the project's)")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--guidance", type=float, default=7.5)
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    parser.add_argument("--seconds", type=float, default=20.0, help="load time per concurrency level")
+    parser.add_argument("--rounds", type=int, default=10, help="timed calls per bare batch size")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--chart", type=Path, default=CHART)
+    parser.add_argument("--doc", type=Path, default=DOC, help="markdown file whose generated section is rewritten")
+    parser.add_argument("--no-doc", action="store_true", help="leave the markdown file alone")
+    args = parser.parse_args(argv)
+
+    config = (args.config or Path(__import__("os").environ.get("T2I_CONFIG") or DEFAULT_CONFIG_PATH)).resolve()
+    settings = load_settings(config)
+    from t2i_task.runner import default_cpu_threads
+
+    started = time.monotonic()
+    log(f"[1/3] bare pipeline: {settings.model.name}, {args.size}x{args.size}, {args.steps} steps")
+    bare = measure_bare_pipeline(settings.model.path, settings.runtime, args.batches, args.size, args.steps,
+                                 args.guidance, args.rounds)
+
+    log(f"[2/3] server under load at concurrency {args.concurrency}")
+    body = {"prompt": "a red circle on a blue background", "size": f"{args.size}x{args.size}", "n": 1,
+            "response_format": "b64_json", "num_inference_steps": args.steps, "guidance_scale": args.guidance}
+    parameters = {"width": args.size, "height": args.size, "num_inference_steps": args.steps,
+                  "guidance_scale": args.guidance}
+    served, burst = measure_server(config, Path(settings.model.path), args.concurrency, args.seconds, body, parameters)
+
+    results = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {
+            "description": f"{platform.node()}, {platform.machine()}, {psutil.cpu_count()} CPUs, "
+                           f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
+            "cpus": psutil.cpu_count(),
+        },
+        "setting": {"model": settings.model.name, "size": args.size, "steps": args.steps, "guidance": args.guidance,
+                    "seconds": args.seconds, "torch_threads": settings.runtime.cpu_threads or default_cpu_threads(),
+                    "max_batch_size": settings.batching.max_batch_size},
+        "bare": bare,
+        "served": served,
+        "dashai_burst": burst,
+    }
+    results["targets"] = check_targets(bare, served, burst)
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    args.results.write_text(json.dumps(results, indent=2) + "\n")
+    draw_chart(results, args.chart)
+    section = markdown(results)
+    if not args.no_doc:
+        update_doc(args.doc, section)
+
+    log(f"[3/3] done in {time.monotonic() - started:.0f}s: {args.results}, {args.chart}"
+        + ("" if args.no_doc else f", {args.doc}"))
+    print(section.replace(DOC_START, "").replace(DOC_END, ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+"""The benchmark and load-test commands run end to end on a tiny setting (figures are not checked)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+from PIL import Image
+
+from t2i_task.local_server import PROJECT_ROOT
+
+LOCUST = PROJECT_ROOT / ".venv" / "bin" / "locust"
+
+
+def test_bench_writes_results_chart_and_doc_section(tmp_path):
+    doc = tmp_path / "benchmarks.md"
+    doc.write_text("# Benchmarks\n\nkept\n\n<!-- make bench: start -->\nold\n<!-- make bench: end -->\n\ntail\n")
+    done = subprocess.run(
+        [sys.executable, "bench/benchmark.py", "--concurrency", "1", "4", "--seconds", "2", "--rounds", "1",
+         "--batches", "1", "2", "--results", str(tmp_path / "r.json"), "--chart", str(tmp_path / "r.png"),
+         "--doc", str(doc)],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "[3/3] done" in done.stdout and "| concurrency |" in done.stdout
+
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert [row["batch"] for row in results["bare"]] == [1, 2]
+    assert all(row["images_per_s"] > 0 for row in results["bare"])
+    assert [row["concurrency"] for row in results["served"]] == [1, 4]
+    for row in results["served"]:
+        assert row["requests"] > 0 and row["statuses"].get("200", 0) > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["mean_batch_size"] >= 1 and row["peak_memory_mb"] > 0
+    assert results["dashai_burst"]["stuck"] == 0
+    assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
+
+    assert Image.open(tmp_path / "r.png").format == "PNG"
+    text = doc.read_text()
+    assert "old" not in text and "kept" in text and "tail" in text and "| bare pipeline batch |" in text
+
+
+def test_locustfile_runs_both_user_kinds_without_failures(server, tmp_path):
+    done = subprocess.run(
+        [str(LOCUST), "-f", "loadtest/locustfile.py", "--headless", "--host", server.url, "-u", "4", "-r", "4",
+         "-t", "6s", "--csv", str(tmp_path / "load"), "--only-summary"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "load_stats.csv").open())}
+    assert int(rows["/v1/images/generations"]["Request Count"]) > 0
+    assert int(rows["/api/v1/generative-process/ [create]"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
