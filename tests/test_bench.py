@@ -53,3 +53,24 @@ def test_locustfile_runs_both_user_kinds_without_failures(server, tmp_path):
     assert int(rows["/v1/images/generations"]["Request Count"]) > 0
     assert int(rows["/api/v1/generative-process/ [create]"]["Request Count"]) > 0
     assert int(rows["Aggregated"]["Failure Count"]) == 0
+
+
+def test_pipeline_modes_bench_runs_sd15_architecture_on_cpu_at_small_size(tmp_path):
+    model = tmp_path / "sd15-random"
+    built = subprocess.run([sys.executable, "-m", "t2i_task.tiny_model", "--architecture", "sd15", str(model)],
+                           cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert built.returncode == 0, built.stderr[-3000:]
+    unet = json.loads((model / "unet" / "config.json").read_text())
+    assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["cross_attention_dim"] == 768
+
+    done = subprocess.run(
+        [sys.executable, "bench/pipeline_modes.py", "--model", str(model), "--size", "64", "--steps", "2",
+         "--batches", "1", "--modes", "sdpa", "xformers", "--rounds", "1", "--results", str(tmp_path / "m.json")],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = json.loads((tmp_path / "m.json").read_text())["rows"]
+    sdpa = next(row for row in rows if row["mode"] == "sdpa")
+    assert sdpa["it_per_s"] > 0 and sdpa["images_per_s"] > 0
+    xformers = next(row for row in rows if row["mode"] == "xformers")
+    assert "it_per_s" in xformers or "needs CUDA" in xformers["unavailable"]
