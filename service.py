@@ -23,20 +23,24 @@ import time
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import aiohttp
 import bentoml
 from anyio import to_thread
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
+from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sqlalchemy.exc import InterfaceError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from t2i_task.config import GenerationParameters, load_settings
+from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
 from t2i_task.runner import DiffusionRunner, GenerationRequest
 from t2i_task.store import DuplicateSessionName, NotFoundError, Store
@@ -47,6 +51,10 @@ settings = load_settings()
 TASK_NAME = TextToImageGenerationTask.__name__
 MODEL_NAME = settings.model.name
 MODEL_CALL_ATTEMPTS = 3
+RETRY_AFTER_S = 5
+SWEEP_INTERVAL_S = 15
+MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
 
 
@@ -58,6 +66,7 @@ class GeneratedImages(BaseModel):
     height: int
     pixels: list[bytes]
     seeds: list[int]
+    error: str | None = None  # set when this request failed even when run alone
 
     def images(self) -> list[Image.Image]:
         return [Image.frombytes("RGB", (self.width, self.height), data) for data in self.pixels]
@@ -91,12 +100,23 @@ class DiffusionService:
                 height=request.height,
                 pixels=[image.convert("RGB").tobytes() for image in result.images],
                 seeds=result.seeds,
+                error=result.error,
             )
             for request, result in zip(requests, self.runner.generate(requests))
         ]
 
 
 # HTTP schemas
+
+
+class GenerationFailed(Exception):
+    """The model could not generate a request (e.g. out of memory even when run alone)."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{type(exc).__name__}: {exc.strerror} ({Path(exc.filename).name})"
+    return str(exc) or type(exc).__name__
 
 
 class ApiError(Exception):
@@ -126,7 +146,7 @@ class ParametersUpdate(BaseModel):
 class ProcessCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    session_id: int = Field(ge=1, le=2**31 - 1)
+    session_id: int = Field(ge=1, le=MAX_ID)
     input: list[str] = Field(min_length=1)
 
 
@@ -226,6 +246,22 @@ async def _not_found(request: Request, exc: NotFoundError) -> JSONResponse:
     return _error_response(request, ApiError(404, str(exc)))
 
 
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error_response(request, ApiError(exc.status_code, str(exc.detail), headers=exc.headers))
+
+
+@app.exception_handler(OperationalError)
+@app.exception_handler(InterfaceError)
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    # The pool re-checks connections (pool_pre_ping), so the next request after
+    # the database returns succeeds: nothing to restart.
+    logger.warning("database unavailable: %s", type(exc).__name__)
+    return _error_response(
+        request, ApiError(503, "Database unavailable; retry later.", headers={"Retry-After": str(RETRY_AFTER_S)})
+    )
+
+
 @app.exception_handler(Exception)
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     # Still JSON, in the caller's error shape; the traceback goes to the log.
@@ -244,12 +280,70 @@ class TextToImageService:
     def __init__(self) -> None:
         self.store = Store(settings.storage.database_url, settings.storage.images_dir)
         self.task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
-        # Processes accepted but not ended; held here so their tasks are not garbage-collected.
-        self.pending: set[asyncio.Task] = set()
+        self.instance = settings.serving.instance_name
+        # DashAI processes queued or running here, by id; the tasks are held so
+        # they are not garbage-collected, and the sweep knows what is in hand.
+        self.pending: dict[int, asyncio.Task] = {}
+        self.answering = 0  # OpenAI calls admitted and not yet answered
+        self.draining = False
         # Keeps the batcher's queue to about two full batches: work beyond waits
         # here as DELIVERED instead of being refused by the batcher (503).
         self.runner_slots = asyncio.Semaphore(2 * settings.batching.max_batch_size)
         self._openai_session_id: int | None = None
+        self._sweeper: asyncio.Task | None = None
+
+    @bentoml.on_startup
+    async def resume_interrupted_work(self) -> None:
+        """Re-queue what this instance was doing when it last stopped; drop orphan files."""
+        await self.requeue_lost_processes()
+        removed = await self.db(self.store.remove_orphan_images, settings.serving.request_timeout_s)
+        if removed:
+            logger.warning("removed %d image files that no process names", len(removed))
+        self._sweeper = asyncio.create_task(self.sweep())
+
+    async def requeue_lost_processes(self) -> None:
+        requeued, given_up = await self.db(
+            self.store.recover, self.instance, settings.serving.max_attempts, exclude=set(self.pending)
+        )
+        for process in requeued:
+            self.accept_process(process)
+        if requeued or given_up:
+            logger.warning("re-queued %d processes, gave up on %d", len(requeued), len(given_up))
+
+    async def sweep(self) -> None:
+        """Now and then, re-queue processes whose task was lost (a database outage, say)."""
+        while not self.draining:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.requeue_lost_processes()
+            except Exception as exc:  # the database may still be away: try again later
+                logger.warning("sweep skipped: %s", type(exc).__name__)
+
+    @bentoml.on_shutdown
+    async def drain(self) -> None:
+        """SIGTERM: refuse new work, let running generations finish, put the rest back in the queue."""
+        self.draining = True
+        if self._sweeper:
+            self._sweeper.cancel()
+        jobs = list(self.pending.values())
+        if jobs:
+            _, unfinished = await asyncio.wait(jobs, timeout=settings.serving.drain_timeout_s)
+            for job in unfinished:
+                job.cancel()  # generate_for_process puts its process back to DELIVERED
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            logger.warning("drained: %d finished, %d re-queued for the next start", len(jobs) - len(unfinished),
+                           len(unfinished))
+        self.store.close()
+
+    def admit(self) -> None:
+        """Refuse a new generation early, before it piles into the batcher."""
+        if self.draining:
+            raise ApiError(503, "Server is shutting down; retry on another instance or later.",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        admitted = len(self.pending) + self.answering
+        if admitted >= settings.serving.max_queued_generations:
+            raise ApiError(429, f"Server busy: {admitted} generations are queued. Retry later.",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
 
     async def db(self, call: Callable, *args, **kwargs):
         """Run a blocking store call off the event loop."""
@@ -258,13 +352,16 @@ class TextToImageService:
     # Generation, shared by every endpoint
 
     async def generate_for_process(
-        self, process: GenerativeProcess, params: GenerationParameters
+        self, process: GenerativeProcess, params: GenerationParameters, requeue_if_cancelled: bool = False
     ) -> list[tuple[str, str]]:
         """Run one stored process to its end: FINISHED with its images, or ERROR with the reason.
 
-        Returns the output rows (file names) on success, raises on failure.
+        Returns the output rows (file names) on success, raises on failure. If
+        the task is cancelled (server stopping) and `requeue_if_cancelled`, a
+        started process goes back to DELIVERED for the next start instead.
         """
         saved: list[tuple[str, str]] = []
+        started = False
         try:
             prompt = self.task.prepare_for_task(process.input)
             request = GenerationRequest(
@@ -279,6 +376,7 @@ class TextToImageService:
             )
             async with self.runner_slots:
                 await self.db(self.store.start_process, process.id)
+                started = True
                 generated = await self.call_model(request)
             provenance = [
                 {
@@ -301,11 +399,14 @@ class TextToImageService:
             return saved
         except BaseException as exc:
             self.store.remove_images(name for name, _ in saved)
-            reason = str(exc) or type(exc).__name__
             try:
-                await self.db(self.store.fail_process, process.id, reason)
-            except Exception:  # the process may already be ended, or the database gone
-                logger.exception("could not record the failure of process %s", process.id)
+                if isinstance(exc, asyncio.CancelledError) and requeue_if_cancelled:
+                    if started:
+                        await self.db(self.store.deliver_process, process.id)
+                else:
+                    await self.db(self.store.fail_process, process.id, describe_failure(exc))
+            except Exception:  # the process may already be ended, or the database gone: the sweep retries
+                logger.exception("could not record the outcome of process %s", process.id)
             raise
 
     async def call_model(self, request: GenerationRequest) -> GeneratedImages:
@@ -319,30 +420,34 @@ class TextToImageService:
         for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
             try:
                 [generated] = await self.diffusion.to_async.generate([request])
+                if generated.error:
+                    raise GenerationFailed(generated.error)
                 return generated
             except aiohttp.ClientConnectionError:
                 if attempt == MODEL_CALL_ATTEMPTS:
                     raise
                 logger.warning("model call cut by a client session refresh; sending it again")
 
-    def accept_process(self, process: GenerativeProcess, params: GenerationParameters) -> None:
+    def accept_process(self, process: GenerativeProcess, params: GenerationParameters | None = None) -> None:
         """Run a stored process in the background; the caller answers at once."""
-        job = asyncio.create_task(self.generate_for_process(process, params))
-        self.pending.add(job)
-        job.add_done_callback(self._forget)
+        job = asyncio.create_task(self.run_queued(process, params))
+        self.pending[process.id] = job
+        job.add_done_callback(lambda done: self._forget(process.id, done))
 
-    def _forget(self, job: asyncio.Task) -> None:
-        self.pending.discard(job)
+    async def run_queued(self, process: GenerativeProcess, params: GenerationParameters | None) -> None:
+        if params is None:  # resumed after a restart: the session says how
+            session = await self.db(self.store.get_session, process.session_id)
+            try:
+                params = GenerationParameters.model_validate(session.parameters)
+            except ValidationError as exc:
+                await self.db(self.store.fail_process, process.id, f"unusable session parameters: {exc}")
+                return
+        await self.generate_for_process(process, params, requeue_if_cancelled=True)
+
+    def _forget(self, process_id: int, job: asyncio.Task) -> None:
+        self.pending.pop(process_id, None)
         if not job.cancelled():
             job.exception()  # consumed: the failure is already recorded as the process's ERROR
-
-    def refuse_when_full(self) -> None:
-        if len(self.pending) >= settings.serving.max_queued_processes:
-            raise ApiError(
-                429,
-                f"Server busy: {len(self.pending)} processes are queued. Retry later.",
-                headers={"Retry-After": "5"},
-            )
 
     def process_json(self, process: GenerativeProcess, as_base64: bool = False) -> dict[str, Any]:
         try:
@@ -397,11 +502,11 @@ class TextToImageService:
         return [session_json(s) for s in await self.db(self.store.list_sessions)]
 
     @app.get("/api/v1/generative-session/{session_id}")
-    async def get_session(self, session_id: int) -> dict[str, Any]:
+    async def get_session(self, session_id: RowId) -> dict[str, Any]:
         return session_json(await self.db(self.store.get_session, session_id))
 
     @app.put("/api/v1/generative-session/{session_id}/parameters")
-    async def update_parameters(self, session_id: int, body: ParametersUpdate) -> dict[str, Any]:
+    async def update_parameters(self, session_id: RowId, body: ParametersUpdate) -> dict[str, Any]:
         try:
             params = settings.validate_parameters(body.parameters)
         except ValueError as exc:
@@ -415,7 +520,7 @@ class TextToImageService:
     async def create_process(self, request: Request) -> dict[str, Any]:
         """JSON `{session_id, input: [prompt]}` or DashAI's form (`session_id`, `text_0`)."""
         body = await self._process_body(request)
-        self.refuse_when_full()
+        self.admit()
         try:
             inputs = self.task.prepare_input_for_database(body.input)
         except ValueError as exc:
@@ -425,7 +530,7 @@ class TextToImageService:
             params = GenerationParameters.model_validate(session.parameters)
         except ValidationError as exc:
             raise ApiError(409, f"Session {session.id} has unusable parameters: {exc}") from exc
-        process = await self.db(self.store.create_process, session.id, inputs)
+        process = await self.db(self.store.create_process, session.id, inputs, owner=self.instance)
         self.accept_process(process, params)
         return self.process_json(process)
 
@@ -456,15 +561,15 @@ class TextToImageService:
         return FileResponse(path, media_type="image/png")
 
     @app.get("/api/v1/generative-process/session/{session_id}")
-    async def list_processes(self, session_id: int, base64: bool = False) -> list[dict[str, Any]]:
+    async def list_processes(self, session_id: RowId, base64: bool = False) -> list[dict[str, Any]]:
         return [self.process_json(p, base64) for p in await self.db(self.store.list_processes, session_id)]
 
     @app.get("/api/v1/generative-process/{process_id}")
-    async def get_process(self, process_id: int, base64: bool = False) -> dict[str, Any]:
+    async def get_process(self, process_id: RowId, base64: bool = False) -> dict[str, Any]:
         return self.process_json(await self.db(self.store.get_process, process_id), base64)
 
     @app.delete("/api/v1/generative-process/{process_id}")
-    async def delete_process(self, process_id: int) -> dict[str, Any]:
+    async def delete_process(self, process_id: RowId) -> dict[str, Any]:
         await self.db(self.store.delete_process, process_id)
         return {"id": process_id, "deleted": True}
 
@@ -491,12 +596,20 @@ class TextToImageService:
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from exc
 
-        process = await self.db(self.store.create_process, await self.openai_session_id(), inputs)
+        self.admit()
+        self.answering += 1
         try:
+            process = await self.db(self.store.create_process, await self.openai_session_id(), inputs,
+                                    owner=self.instance)
             saved = await self.generate_for_process(process, params)
         except BentoMLException as exc:
             status = exc.error_code if exc.error_code in (429, 503, 504) else 500
-            raise ApiError(int(status), f"Generation failed: {exc}", headers={"Retry-After": "5"}) from exc
+            raise ApiError(int(status), f"Generation failed: {exc}",
+                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        except GenerationFailed as exc:
+            raise ApiError(500, f"Generation failed: {exc}") from exc
+        finally:
+            self.answering -= 1
 
         if body.response_format == "url":
             base = str(request.base_url).rstrip("/")
@@ -537,6 +650,11 @@ class TextToImageService:
             error = parameters_error(exc)
             param = {"num_images_per_prompt": "n", "width": "size", "height": "size"}.get(error.param, error.param)
             raise ApiError(400, error.message, param=param) from exc
+
+
+# Outermost first: a request without a valid key is refused before its body is read.
+TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.serving.api_keys)
+TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes)
 
 
 # Registered last, for this API's own prefixes: BentoML's outer router answers

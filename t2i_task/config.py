@@ -1,15 +1,17 @@
 """The server's configuration: one YAML file, validated once at start.
 
 `configuration.yaml` beside the project is the default; `T2I_CONFIG` names
-another file. `T2I_DATABASE_URL` and `T2I_IMAGES_DIR` override the storage keys
-so that replicas and tests can point at their own database and folder without
-copying the file. Relative paths are resolved against the file's folder, so the
+another file. `T2I_DATABASE_URL`, `T2I_IMAGES_DIR`, `T2I_API_KEYS` (comma
+separated) and `T2I_INSTANCE_NAME` override their keys, so that replicas and
+tests can point at their own database and folder, and secrets stay out of the
+file. Relative paths are resolved against the file's folder, so the
 server behaves the same whatever directory it is started from.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Literal
 
@@ -52,9 +54,23 @@ class BatchingConfig(_Section):
 
 
 class ServingConfig(_Section):
-    max_concurrency: int = Field(default=64, ge=1, description="HTTP requests in flight in the API service; beyond: 429.")
-    max_queued_processes: int = Field(default=256, ge=1, description="Accepted processes not yet ended; beyond: 429.")
+    max_concurrency: int = Field(default=128, ge=1, description="HTTP requests in flight, all routes; beyond: 429.")
+    max_queued_generations: int = Field(
+        default=64, ge=1, description="Generations admitted and not ended (DashAI processes and OpenAI calls); beyond: 429."
+    )
     request_timeout_s: float = Field(default=600, gt=0, description="Longest an HTTP request or a runner call may take (504 after).")
+    max_body_bytes: int = Field(default=65_536, ge=1024, description="Largest request body; beyond: 413.")
+    api_keys: list[str] = Field(
+        default_factory=list, description="Bearer keys; when any is set every route but the probes needs one (T2I_API_KEYS)."
+    )
+    instance_name: str = Field(
+        default_factory=socket.gethostname,
+        min_length=1,
+        description="Names this server's queue in the database, so a restart re-queues its own interrupted work "
+        "(T2I_INSTANCE_NAME; give each replica its own).",
+    )
+    max_attempts: int = Field(default=3, ge=1, description="Starts of one process before an interrupted one is given up.")
+    drain_timeout_s: float = Field(default=30, ge=0, description="On SIGTERM, how long running generations may finish.")
 
 
 class LimitsConfig(_Section):
@@ -142,6 +158,15 @@ def _resolve_sqlite_url(url: str, base: Path) -> str:
     return url
 
 
+# (section, key, variable, parser): deployments set these without copying the file.
+ENV_OVERRIDES = (
+    ("storage", "database_url", "T2I_DATABASE_URL", str),
+    ("storage", "images_dir", "T2I_IMAGES_DIR", str),
+    ("serving", "api_keys", "T2I_API_KEYS", lambda value: [key.strip() for key in value.split(",") if key.strip()]),
+    ("serving", "instance_name", "T2I_INSTANCE_NAME", str),
+)
+
+
 def load_settings(path: str | Path | None = None) -> Settings:
     """Read, resolve and validate the configuration (see the module docstring)."""
     path = Path(path or os.environ.get("T2I_CONFIG") or DEFAULT_CONFIG_PATH).resolve()
@@ -152,11 +177,9 @@ def load_settings(path: str | Path | None = None) -> Settings:
     if not isinstance(raw, dict):
         raise ConfigError(f"configuration {path} must be a mapping of sections")
 
-    storage = dict(raw.get("storage") or {})
-    for key, env in (("database_url", "T2I_DATABASE_URL"), ("images_dir", "T2I_IMAGES_DIR")):
+    for section, key, env, parse in ENV_OVERRIDES:
         if os.environ.get(env):
-            storage[key] = os.environ[env]
-    raw["storage"] = storage
+            raw[section] = {**(raw.get(section) or {}), key: parse(os.environ[env])}
 
     try:
         settings = Settings.model_validate(raw)

@@ -92,6 +92,11 @@ class GenerativeProcess(Base):
     delivery_time: Mapped[datetime | None]
     start_time: Mapped[datetime | None]
     end_time: Mapped[datetime | None]
+    # Not in DashAI's table: which server instance queued the process, and how
+    # often it was started, so that an instance restarted after a crash can
+    # re-queue its own interrupted work and give up on work that keeps failing.
+    owner: Mapped[str | None] = mapped_column(String(255), index=True)
+    attempts: Mapped[int] = mapped_column(default=0)
 
     session: Mapped[GenerativeSession] = relationship(back_populates="processes")
     # Loaded with the process: every reader wants its input and output rows.

@@ -13,6 +13,7 @@ inside any batch (up to floating-point differences between batch sizes).
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import logging
 import os
@@ -61,6 +62,7 @@ class GenerationResult:
 
     images: list[Image.Image] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    error: str | None = None  # why this request failed, even when run alone
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -179,7 +181,8 @@ class DiffusionRunner:
 
         Requests whose steps, guidance and size match run in one pipeline call
         (split only if `max_images_per_call` is set), so a batch of N compatible
-        requests costs one denoising loop.
+        requests costs one denoising loop. A request that fails even when run
+        alone comes back with `error` set; its neighbours are not affected.
         """
         results = [GenerationResult() for _ in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
@@ -193,11 +196,34 @@ class DiffusionRunner:
             ]
             chunk = self.max_images_per_call or len(images)
             for start in range(0, len(images), chunk):
-                part = images[start : start + chunk]
-                for (index, seed), image in zip(part, self._call([requests[i] for i, _ in part], [s for _, s in part])):
-                    results[index].images.append(image)
-                    results[index].seeds.append(seed)
+                self._run_isolating_failures(requests, images[start : start + chunk], results)
         return results
+
+    def _run_isolating_failures(
+        self, requests: Sequence[GenerationRequest], part: list[tuple[int, int]], results: list[GenerationResult]
+    ) -> None:
+        """One pipeline call for `part`; if it fails (out of memory, say), memory is freed
+        and each request in it runs alone, so one bad request does not fail the others."""
+        try:
+            images = self._call([requests[index] for index, _ in part], [seed for _, seed in part])
+        except Exception as exc:
+            self._free_memory()
+            owners = list(dict.fromkeys(index for index, _ in part))
+            if len(owners) == 1:
+                results[owners[0]].error = f"{type(exc).__name__}: {exc}"
+                return
+            log.warning("a call of %d requests failed (%s); running them one at a time", len(owners), type(exc).__name__)
+            for owner in owners:
+                self._run_isolating_failures(requests, [(i, seed) for i, seed in part if i == owner], results)
+            return
+        for (index, seed), image in zip(part, images):
+            results[index].images.append(image)
+            results[index].seeds.append(seed)
+
+    def _free_memory(self) -> None:
+        gc.collect()
+        if self.placement.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     @staticmethod
     def _seeds(request: GenerationRequest) -> list[int]:

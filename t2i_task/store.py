@@ -12,6 +12,7 @@ replicas on several machines. Any SQLAlchemy URL works.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -46,7 +47,7 @@ IMAGE_TYPE = "Image"
 _TRANSITIONS: dict[RunStatus, set[RunStatus]] = {
     RunStatus.NOT_STARTED: {RunStatus.DELIVERED, RunStatus.ERROR},
     RunStatus.DELIVERED: {RunStatus.STARTED, RunStatus.ERROR},
-    RunStatus.STARTED: {RunStatus.FINISHED, RunStatus.ERROR},
+    RunStatus.STARTED: {RunStatus.FINISHED, RunStatus.ERROR, RunStatus.DELIVERED},  # back to the queue
     RunStatus.FINISHED: set(),
     RunStatus.ERROR: set(),
 }
@@ -202,12 +203,17 @@ class Store:
     # Processes
 
     def create_process(
-        self, session_id: int, inputs: Sequence[tuple[str, str]], status: RunStatus = RunStatus.DELIVERED
+        self,
+        session_id: int,
+        inputs: Sequence[tuple[str, str]],
+        status: RunStatus = RunStatus.DELIVERED,
+        owner: str | None = None,
     ) -> GenerativeProcess:
         """A process and its input rows, in one transaction.
 
         By default the process is DELIVERED at once: this server queues every
-        process as soon as it is stored.
+        process as soon as it is stored. `owner` names the server instance
+        whose queue holds it.
         """
         if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED):
             raise ValueError(f"a new process is NOT_STARTED or DELIVERED, not {status.name}")
@@ -219,6 +225,7 @@ class Store:
                 status=status,
                 created=now,
                 delivery_time=now if status is RunStatus.DELIVERED else None,
+                owner=owner,
                 data=[ProcessData(data=data, data_type=data_type, is_input=True) for data, data_type in inputs],
             )
             db.add(process)
@@ -240,6 +247,7 @@ class Store:
             return list(db.scalars(query.order_by(GenerativeProcess.id)))
 
     def deliver_process(self, process_id: int) -> GenerativeProcess:
+        """Queue a NOT_STARTED process, or put a STARTED one back in the queue."""
         return self._move(process_id, RunStatus.DELIVERED)
 
     def start_process(self, process_id: int) -> GenerativeProcess:
@@ -268,11 +276,69 @@ class Store:
                 process.delivery_time = now
             elif status is RunStatus.STARTED:
                 process.start_time = now
+                process.attempts += 1
             else:
                 process.end_time = now
             for data, data_type in outputs:
                 process.data.append(ProcessData(data=data, data_type=data_type, is_input=False))
         return process
+
+    def recover(
+        self, owner: str, max_attempts: int, exclude: Iterable[int] = ()
+    ) -> tuple[list[GenerativeProcess], list[GenerativeProcess]]:
+        """`owner`'s processes that are queued or running in the database but not in its hands
+        (not in `exclude`): after a restart, all of them.
+
+        A STARTED process goes back to DELIVERED, or to ERROR once it has been
+        started `max_attempts` times (its generation keeps killing the server,
+        or keeps being interrupted). Returns (processes to queue again,
+        processes given up), in one transaction.
+        """
+        with self._transaction() as db:
+            query = (
+                select(GenerativeProcess)
+                .where(GenerativeProcess.owner == owner)
+                .where(GenerativeProcess.status.in_((RunStatus.DELIVERED, RunStatus.STARTED)))
+                .where(GenerativeProcess.id.not_in(list(exclude)))
+                .order_by(GenerativeProcess.id)
+                .with_for_update()
+            )
+            queued, given_up = [], []
+            now = utcnow()
+            for process in db.scalars(query):
+                if process.status is RunStatus.STARTED and process.attempts >= max_attempts:
+                    process.status, process.end_time = RunStatus.ERROR, now
+                    process.data.append(ProcessData(
+                        data=f"{ERROR_PREFIX}interrupted {process.attempts} times while generating "
+                             f"(server stopped or crashed); not retried again",
+                        data_type="str", is_input=False,
+                    ))
+                    given_up.append(process)
+                else:
+                    if process.status is RunStatus.STARTED:
+                        process.status, process.delivery_time = RunStatus.DELIVERED, now
+                    queued.append(process)
+                process.last_modified = now
+        return queued, given_up
+
+    def remove_orphan_images(self, older_than_s: float) -> list[str]:
+        """Remove PNGs (and unfinished `.part` files) that no process row names.
+
+        Only files older than `older_than_s`: a file that another server is
+        writing right now has no row yet.
+        """
+        if not self.images_dir.is_dir():
+            return []
+        with self._sessionmaker() as db:
+            named = set(db.scalars(select(ProcessData.data).where(ProcessData.data_type == IMAGE_TYPE)))
+        cutoff = time.time() - older_than_s
+        orphans = [
+            path.name for path in self.images_dir.iterdir()
+            if path.is_file() and (path.suffix == ".png" or path.name.endswith(".part"))
+            and path.name not in named and path.stat().st_mtime < cutoff
+        ]
+        self.remove_images(orphans)
+        return orphans
 
     def delete_process(self, process_id: int) -> None:
         """Delete the process, its rows and its image files."""

@@ -170,3 +170,25 @@ def test_the_runner_loads_a_copied_model_folder_offline(tiny_model_path, tmp_pat
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     copy = shutil.copytree(tiny_model_path, tmp_path / "copy")
     assert DiffusionRunner(str(copy), RuntimeConfig(device="cpu")).generate([request()])[0].images
+
+
+def test_a_failing_request_does_not_fail_its_batch_neighbours(runner, monkeypatch):
+    import torch
+
+    real_call = runner._call
+    calls: list[int] = []
+
+    def call_that_runs_out_of_memory_on_poison(requests, seeds):
+        calls.append(len(seeds))
+        if any(r.prompt == "poison" for r in requests):
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory")
+        return real_call(requests, seeds)
+
+    monkeypatch.setattr(runner, "_call", call_that_runs_out_of_memory_on_poison)
+    results = runner.generate([request("fine 1", seed=1), request("poison", seed=2), request("fine 2", seed=3)])
+
+    assert calls == [3, 1, 1, 1], "the batch, then each request alone"
+    assert [r.error for r in results] == [None, "OutOfMemoryError: simulated: CUDA out of memory", None]
+    assert [len(r.images) for r in results] == [1, 0, 1]
+    alone = real_call([request("fine 2", seed=3)], [3])[0]
+    assert max_difference(results[2].images[0], alone) <= BATCH_TOLERANCE

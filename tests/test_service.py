@@ -304,7 +304,7 @@ def test_unknown_routes_and_methods_get_json_errors(http):
 def small_server(tiny_model_path, tmp_path_factory):
     config = write_config(
         tmp_path_factory.mktemp("small-server"), tiny_model_path,
-        serving={"max_concurrency": 2, "max_queued_processes": 2},
+        serving={"max_concurrency": 2, "max_queued_generations": 2},
     )
     server = start_server(config)
     yield server

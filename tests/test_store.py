@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 from sqlalchemy import func, select
@@ -231,3 +232,44 @@ def test_get_or_create_session_returns_one_session_per_name(store):
     second = store.get_or_create_session(task_name=TASK, name="openai-tiny-sd", parameters={"seed": 9})
     assert first.id == second.id and second.parameters == {}
     assert len(store.list_sessions()) == 1
+
+
+def test_recovery_requeues_an_owners_interrupted_work_and_gives_up_after_max_attempts(store):
+    session = new_session(store)
+    queued = store.create_process(session.id, [("queued", "str")], owner="a")
+    running = store.create_process(session.id, [("running", "str")], owner="a")
+    store.start_process(running.id)
+    hopeless = store.create_process(session.id, [("hopeless", "str")], owner="a")
+    for _ in range(2):
+        store.start_process(hopeless.id)
+        store.deliver_process(hopeless.id)  # put back, as a draining server does
+    store.start_process(hopeless.id)  # third start
+    other = store.create_process(session.id, [("someone else's", "str")], owner="b")
+    store.start_process(other.id)
+
+    requeued, given_up = store.recover(owner="a", max_attempts=3)
+
+    assert [p.id for p in requeued] == [queued.id, running.id]
+    assert [p.id for p in given_up] == [hopeless.id]
+    assert store.get_process(running.id).status is RunStatus.DELIVERED
+    failed = store.get_process(hopeless.id)
+    assert failed.status is RunStatus.ERROR and "interrupted 3 times" in failed.output[0].data
+    assert store.get_process(other.id).status is RunStatus.STARTED, "another instance's work is left alone"
+
+
+def test_orphan_images_are_removed_but_named_and_fresh_ones_kept(store):
+    import os
+
+    session = new_session(store)
+    store.images_dir.mkdir(parents=True)
+    for name in ("kept.png", "orphan.png", ".x.png.part", "fresh-orphan.png", "notes.txt"):
+        (store.images_dir / name).write_bytes(b"x")
+    old = time.time() - 3600
+    for name in ("kept.png", "orphan.png", ".x.png.part", "notes.txt"):
+        os.utime(store.images_dir / name, (old, old))
+    process = store.create_process(session.id, [("a", "str")])
+    store.start_process(process.id)
+    store.finish_process(process.id, [("kept.png", "Image")])
+
+    assert sorted(store.remove_orphan_images(older_than_s=600)) == [".x.png.part", "orphan.png"]
+    assert sorted(p.name for p in store.images_dir.iterdir()) == ["fresh-orphan.png", "kept.png", "notes.txt"]

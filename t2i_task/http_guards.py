@@ -1,0 +1,100 @@
+"""ASGI guards in front of every route, BentoML's own included: API keys and a body size limit.
+
+They answer in the error shape of the route they guard: OpenAI's
+`{"error": {...}}` under `/v1/`, `{"detail": ...}` elsewhere.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from collections.abc import Iterable
+
+from starlette.exceptions import HTTPException
+
+OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+
+
+def error_body(path: str, status: int, message: str, code: str | None = None) -> bytes:
+    if path.startswith("/v1/"):
+        kind = "invalid_request_error" if status < 500 else "server_error"
+        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
+    else:
+        body = {"detail": message}
+    return json.dumps(body).encode()
+
+
+async def send_error(send, path: str, status: int, message: str, code: str | None = None,
+                     headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
+    body = error_body(path, status, message, code)
+    await send({
+        "type": "http.response.start",
+        "status": status,
+        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
+    })
+    await send({"type": "http.response.body", "body": body})
+
+
+class ApiKeyMiddleware:
+    """Requires `Authorization: Bearer <key>` (what the openai client sends) when keys are configured.
+
+    Probes stay open so orchestrators need no secret. Keys are compared in
+    constant time and never logged.
+    """
+
+    def __init__(self, app, keys: Iterable[str]) -> None:
+        self.app = app
+        self.keys = [key.encode() for key in keys if key]
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+            return await self.app(scope, receive, send)
+        header = dict(scope["headers"]).get(b"authorization", b"")
+        scheme, _, presented = header.partition(b" ")
+        # Compare against every key, whatever matches first: timing says nothing.
+        matches = [hmac.compare_digest(presented.strip(), key) for key in self.keys]
+        if scheme.lower() == b"bearer" and any(matches):
+            return await self.app(scope, receive, send)
+        await send_error(send, scope["path"], 401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
+                         code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])
+
+
+class BodySizeLimitMiddleware:
+    """Refuses request bodies over `max_bytes` with 413, before a route parses them."""
+
+    def __init__(self, app, max_bytes: int) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        message = f"Request body is larger than {self.max_bytes} bytes."
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await send_error(send, scope["path"], 413, message)
+
+        received = 0
+        response_started = False
+
+        async def counting_receive():
+            nonlocal received
+            event = await receive()
+            if event["type"] == "http.request":
+                received += len(event.get("body", b""))
+                if received > self.max_bytes:
+                    # A body without a length: the route's framework answers 413.
+                    raise HTTPException(status_code=413, detail=message)
+            return event
+
+        async def tracking_send(event):
+            nonlocal response_started
+            response_started = response_started or event["type"] == "http.response.start"
+            await send(event)
+
+        try:
+            await self.app(scope, counting_receive, tracking_send)
+        except HTTPException as exc:
+            if exc.status_code != 413 or response_started:
+                raise
+            await send_error(send, scope["path"], 413, message)
