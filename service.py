@@ -400,7 +400,10 @@ class TextToImageService:
         except BaseException as exc:
             self.store.remove_images(name for name, _ in saved)
             try:
-                if isinstance(exc, asyncio.CancelledError) and requeue_if_cancelled:
+                # Stopping (cancelled, or the model service already gone while
+                # draining) is not the process's failure: it waits for the next start.
+                stopping = isinstance(exc, asyncio.CancelledError) or self.draining
+                if stopping and requeue_if_cancelled:
                     if started:
                         await self.db(self.store.deliver_process, process.id)
                 else:
@@ -544,6 +547,8 @@ class TextToImageService:
                 data: Any = {"session_id": form.get("session_id"), "input": texts}
             else:
                 data = await request.json()
+        except StarletteHTTPException:
+            raise  # e.g. 413 from the body size limit
         except Exception as exc:
             raise ApiError(400, f"Request body is not valid JSON or form data: {exc}") from exc
         try:
@@ -606,8 +611,8 @@ class TextToImageService:
             status = exc.error_code if exc.error_code in (429, 503, 504) else 500
             raise ApiError(int(status), f"Generation failed: {exc}",
                            headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
-        except GenerationFailed as exc:
-            raise ApiError(500, f"Generation failed: {exc}") from exc
+        except (GenerationFailed, OSError) as exc:  # the model, or the images folder
+            raise ApiError(500, f"Generation failed: {describe_failure(exc)}") from exc
         finally:
             self.answering -= 1
 

@@ -45,28 +45,39 @@ class Server:
     log: Path
     config: Path
 
-    def stop(self) -> None:
+    def stop(self, timeout: float = 60) -> int:
+        """SIGTERM to the whole process group (a graceful drain); SIGKILL after `timeout`."""
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGTERM)
             try:
-                self.process.wait(timeout=20)
+                self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+                self.kill()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        """SIGKILL to every process of the server at once: a crash, nothing drains."""
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.process.wait()
 
 
-def start_server(config: Path, timeout: float = 90) -> Server:
+def start_server(config: Path, timeout: float = 90, env: dict[str, str] | None = None,
+                 log_name: str = "server.log") -> Server:
+    """`bentoml serve` with `config` on a free loopback port, returned once /readyz answers 200."""
     port = free_port()
-    log = config.with_name("server.log")
+    log = config.with_name(log_name)
+    base = {key: value for key, value in os.environ.items() if not key.startswith("T2I_")}
     env = {
-        **os.environ,
+        **base,
         "T2I_CONFIG": str(config),
         "BENTOML_HOME": str(config.parent / "bentoml"),
         "BENTOML_DO_NOT_TRACK": "True",
+        **(env or {}),
     }
-    env.pop("T2I_DATABASE_URL", None)
-    env.pop("T2I_IMAGES_DIR", None)
-    with log.open("wb") as out:
+    with log.open("ab") as out:
         process = subprocess.Popen(
             [str(BENTOML), "serve", "service:TextToImageService", "--host", "127.0.0.1", "--port", str(port)],
             cwd=PROJECT_ROOT,

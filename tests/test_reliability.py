@@ -1,0 +1,306 @@
+"""Reliability and security, each proved on the real server: crashes, drains, faults, keys, limits."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sqlite3
+import textwrap
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from t2i_task.local_server import start_server, write_config
+
+TASK = "TextToImageGenerationTask"
+SLOW = {"width": 256, "height": 256, "num_inference_steps": 40}  # about a second per image here
+
+
+def create_session(http: httpx.Client, name: str, **parameters) -> int:
+    response = http.post("/api/v1/generative-session/", json={"task_name": TASK, "name": name, "parameters": parameters})
+    assert response.status_code == 201, response.text
+    return response.json()["id"]
+
+
+def create_processes(http: httpx.Client, session_id: int, count: int) -> list[int]:
+    ids = []
+    for i in range(count):
+        response = http.post("/api/v1/generative-process/", json={"session_id": session_id, "input": [f"prompt {i}"]})
+        assert response.status_code == 201, response.text
+        ids.append(response.json()["id"])
+    return ids
+
+
+def statuses(http: httpx.Client, ids: list[int]) -> list[int]:
+    return [http.get(f"/api/v1/generative-process/{i}").json()["status"] for i in ids]
+
+
+def all_ended(http: httpx.Client, ids: list[int]) -> list[int] | None:
+    now = statuses(http, ids)
+    return now if all(status in (3, 4) for status in now) else None
+
+
+def wait_for(predicate, timeout: float = 120, interval: float = 0.1):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
+
+
+def stored_statuses(database: str, ids: list[int]) -> list[str]:
+    with sqlite3.connect(database) as connection:
+        rows = dict(connection.execute("SELECT id, status FROM generative_process").fetchall())
+    return [rows[i] for i in ids]
+
+
+@pytest.fixture
+def folder(tmp_path):
+    return tmp_path
+
+
+def test_killed_server_resumes_its_work_on_restart_and_loses_nothing(tiny_model_path, folder):
+    config = write_config(folder, tiny_model_path)
+    env = {"T2I_INSTANCE_NAME": "crash-test"}
+    server = start_server(config, env=env)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        ids = create_processes(http, create_session(http, "crash", **SLOW), 6)
+        wait_for(lambda: 2 in statuses(http, ids))  # one is generating
+    orphan = folder / "images" / "left-by-nobody.png"
+    orphan.parent.mkdir(exist_ok=True)
+    orphan.write_bytes(b"not referenced")
+    os.utime(orphan, (time.time() - 7200, time.time() - 7200))
+
+    server.kill()  # SIGKILL to every process: nothing drains
+    before = stored_statuses(str(folder / "t2i.db"), ids)
+    assert "STARTED" in before and "FINISHED" not in before[-1:], before
+
+    server = start_server(config, env=env)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            ended = wait_for(lambda: all_ended(http, ids), timeout=180)
+            assert ended == [3] * 6, "every interrupted process is generated after the restart"
+            names = {row["data"] for i in ids for row in http.get(f"/api/v1/generative-process/{i}").json()["output"]}
+        assert not orphan.exists(), "files no process names are removed at start"
+        assert {p.name for p in (folder / "images").glob("*.png")} == names, "no orphan and no missing image"
+        with sqlite3.connect(folder / "t2i.db") as connection:
+            assert connection.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    finally:
+        server.stop()
+
+
+def test_a_process_interrupted_too_often_is_given_up_with_a_reason(tiny_model_path, folder):
+    config = write_config(folder, tiny_model_path, serving={"max_attempts": 1})
+    env = {"T2I_INSTANCE_NAME": "give-up-test"}
+    server = start_server(config, env=env)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        [process_id] = create_processes(http, create_session(http, "give-up", width=512, height=512,
+                                                            num_inference_steps=50), 1)
+        wait_for(lambda: statuses(http, [process_id]) == [2])
+    server.kill()
+
+    server = start_server(config, env=env)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            process = http.get(f"/api/v1/generative-process/{process_id}").json()
+        assert process["status"] == 4
+        assert process["output"][0]["data"].startswith("Error details: interrupted 1 times while generating")
+    finally:
+        server.stop()
+
+
+def test_sigterm_drains_running_generations_before_exit(tiny_model_path, folder):
+    config = write_config(folder, tiny_model_path, serving={"drain_timeout_s": 120})
+    env = {"T2I_INSTANCE_NAME": "drain-test"}
+    server = start_server(config, env=env)
+    with httpx.Client(base_url=server.url, timeout=60) as http:
+        ids = create_processes(http, create_session(http, "drain", width=128, height=128,
+                                                    num_inference_steps=20), 4)
+        wait_for(lambda: 2 in statuses(http, ids))
+    server.process.send_signal(signal.SIGTERM)  # to the server, as an orchestrator sends it
+    server.process.wait(timeout=150)
+
+    after = stored_statuses(str(folder / "t2i.db"), ids)
+    assert set(after) <= {"FINISHED", "DELIVERED"}, f"finished or back in the queue, never lost: {after}"
+    assert "FINISHED" in after, "the running generation finished during the drain"
+
+    server = start_server(config, env=env)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            wait_for(lambda: statuses(http, ids) == [3] * 4, timeout=120)
+    finally:
+        server.stop()
+
+
+def test_api_keys_guard_every_route_but_the_probes_and_never_reach_the_log(tiny_model_path, folder):
+    key = "sk-test-4f1e9c0d2b"
+    server = start_server(write_config(folder, tiny_model_path), env={"T2I_API_KEYS": f"{key},second-key"})
+    try:
+        for path in ("/v1/models", "/api/v1/task/metadata", "/metrics", "/docs.json", "/api/v1/generative-session/"):
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
+                response = httpx.get(server.url + path, headers=headers)
+                assert response.status_code == 401, (path, headers)
+                assert response.headers["www-authenticate"] == "Bearer" and response.json()
+        for path in ("/livez", "/readyz"):
+            assert httpx.get(server.url + path).status_code == 200
+        assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer second-key"}).status_code == 200
+
+        client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)
+        assert client.images.generate(prompt="a secret prompt", size="64x64", response_format="b64_json").data
+        with pytest.raises(openai.AuthenticationError):
+            openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    finally:
+        server.stop()
+    log = server.log.read_text()
+    assert key not in log and "second-key" not in log
+    assert "a secret prompt" not in log, "prompts are not logged at info level"
+
+
+def test_request_bodies_over_the_limit_get_413(server):
+    huge = {"prompt": "x" * 1_000_000}
+    response = httpx.post(f"{server.url}/v1/images/generations", json=huge)
+    assert response.status_code == 413 and "larger than" in response.json()["error"]["message"]
+
+    def chunks():  # no Content-Length: the limit is enforced while reading
+        for _ in range(100):
+            yield b"x" * 10_000
+
+    response = httpx.post(f"{server.url}/api/v1/generative-process/", content=chunks(),
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 413 and "larger than" in response.json()["detail"]
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"prompt": "a cat", "guidance_scale": float("nan")}, "guidance_scale"),
+        ({"prompt": "a cat", "guidance_scale": -3}, "guidance_scale"),
+        ({"prompt": "a cat", "n": 10**9}, "n"),
+        ({"prompt": "a cat", "size": "99999x99999"}, "size"),
+        ({"prompt": "a cat", "size": "64x-64"}, "size"),
+        ({"prompt": "nul \x00 byte"}, "prompt"),
+        ({"prompt": "a cat", "colour": "red"}, "colour"),
+        ({"prompt": ["not", "a", "string"]}, "prompt"),
+        ({"prompt": "a cat", "seed": 2**70}, "seed"),
+    ],
+)
+def test_bad_openai_requests_are_400_naming_the_field(server, body, param):
+    import json
+
+    content = json.dumps(body, allow_nan=True)  # NaN is what a careless client sends
+    response = httpx.post(f"{server.url}/v1/images/generations", content=content,
+                          headers={"content-type": "application/json"})
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["param"] == param
+
+
+def test_rejected_requests_write_nothing(server):
+    with httpx.Client(base_url=server.url) as http:
+        def count() -> int:
+            return sum(len(http.get(f"/api/v1/generative-process/session/{s['id']}").json())
+                       for s in http.get("/api/v1/generative-session/").json())
+
+        session_id = create_session(http, "rejections")
+        before = count()
+        rejected = [
+            http.post("/v1/images/generations", json={"prompt": "", "size": "64x64"}),
+            http.post("/v1/images/generations", json={"prompt": "a", "size": "63x64"}),
+            http.post("/api/v1/generative-process/", json={"session_id": session_id, "input": ["a\x00b"]}),
+            http.post("/api/v1/generative-process/", json={"session_id": session_id, "input": ["x" * 5000]}),
+            http.post("/api/v1/generative-process/", json={"session_id": 2**40, "input": ["a"]}),
+            http.post("/api/v1/generative-process/", content=b"\xff\xfe not utf-8",
+                      headers={"content-type": "application/json"}),
+            http.post("/api/v1/generative-process/", content=b"plain text", headers={"content-type": "text/plain"}),
+            http.get(f"/api/v1/generative-process/{2**40}"),
+            http.delete("/api/v1/generative-process/999999"),
+        ]
+        assert [r.status_code for r in rejected] == [400, 400, 422, 422, 422, 400, 400, 422, 404]
+        assert all(r.json() for r in rejected)
+        assert count() == before
+
+
+def test_an_unwritable_images_folder_fails_the_process_with_a_reason_and_the_server_carries_on(
+    tiny_model_path, folder
+):
+    blocker = folder / "not-a-folder"
+    blocker.write_text("a file where the images folder should be")
+    config = write_config(folder, tiny_model_path)
+    config.write_text(config.read_text().replace(str(folder / "images"), str(blocker / "images")))
+    server = start_server(config)
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            [process_id] = create_processes(http, create_session(http, "unwritable"), 1)
+            wait_for(lambda: statuses(http, [process_id]) == [4])
+            reason = http.get(f"/api/v1/generative-process/{process_id}").json()["output"][0]["data"]
+            assert reason.startswith("Error details: ") and "Not a directory" in reason
+            response = http.post("/v1/images/generations", json={"prompt": "still here", "size": "64x64"})
+            assert response.status_code == 500 and "Not a directory" in response.json()["error"]["message"]
+            assert http.get("/livez").status_code == 200
+    finally:
+        server.stop()
+
+
+SIMULATED_OOM = textwrap.dedent('''
+    # Loaded by the test server's interpreters: the pipeline runs out of memory on prompts with "poison".
+    import diffusers, torch
+    _real_call = diffusers.StableDiffusionPipeline.__call__
+    def _call(self, *args, **kwargs):
+        if any("poison" in p for p in kwargs.get("prompt") or []):
+            raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 20.00 GiB")
+        return _real_call(self, *args, **kwargs)
+    diffusers.StableDiffusionPipeline.__call__ = _call
+''')
+
+
+def test_out_of_memory_fails_only_the_request_that_causes_it(tiny_model_path, folder):
+    hooks = folder / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SIMULATED_OOM)
+    server = start_server(write_config(folder, tiny_model_path), env={"PYTHONPATH": str(hooks)})
+    try:
+        def generate(prompt):
+            return httpx.post(f"{server.url}/v1/images/generations", timeout=60,
+                              json={"prompt": prompt, "size": "64x64", "response_format": "b64_json"})
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(generate, [f"fine {i}" if i != 5 else "poison" for i in range(12)]))
+        codes = [a.status_code for a in answers]
+        assert codes[5] == 500 and "out of memory" in answers[5].json()["error"]["message"]
+        assert codes[:5] + codes[6:] == [200] * 11, codes
+        assert generate("fine again").status_code == 200
+    finally:
+        server.stop()
+    assert "running them one at a time" in server.log.read_text()
+
+
+def test_overload_is_refused_early_with_retry_after_and_livez_stays_fast(tiny_model_path, folder):
+    server = start_server(write_config(folder, tiny_model_path, serving={"max_queued_generations": 4}))
+    try:
+        async def flood():
+            async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+                async def generate(i):
+                    return await client.post("/v1/images/generations", json={
+                        "prompt": f"p{i}", "size": "256x256", "num_inference_steps": 20})
+
+                async def probe():
+                    await asyncio.sleep(0.5)
+                    started = time.perf_counter()
+                    response = await client.get("/livez")
+                    return response.status_code, time.perf_counter() - started
+
+                return await asyncio.gather(probe(), *(generate(i) for i in range(24)))
+
+        (livez_status, livez_seconds), *answers = asyncio.run(flood())
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 429} and codes.count(429) >= 16 and codes.count(200) >= 4, codes
+        refused = [a for a in answers if a.status_code == 429]
+        assert all(a.headers["retry-after"] == "5" and "busy" in a.json()["error"]["message"] for a in refused)
+        assert livez_status == 200 and livez_seconds < 1.0
+    finally:
+        server.stop()
