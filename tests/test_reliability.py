@@ -304,3 +304,117 @@ def test_overload_is_refused_early_with_retry_after_and_livez_stays_fast(tiny_mo
         assert livez_status == 200 and livez_seconds < 1.0
     finally:
         server.stop()
+
+
+class TcpProxy:
+    """A loopback TCP relay to PostgreSQL that the test can cut and restore, like a network outage."""
+
+    def __init__(self, target_port: int) -> None:
+        import threading
+
+        from t2i_task.local_server import free_port
+
+        self.target_port, self.port = target_port, free_port()
+        self.loop = asyncio.new_event_loop()
+        self.server = None
+        self.connections: set[asyncio.StreamWriter] = set()
+        threading.Thread(target=self.loop.run_forever, daemon=True).start()
+        self.restore()
+
+    def _run(self, coroutine):
+        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(10)
+
+    async def _relay(self, reader, writer) -> None:
+        try:
+            upstream_reader, upstream_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        except OSError:
+            writer.close()
+            return
+        self.connections |= {writer, upstream_writer}
+
+        async def pipe(source, sink):
+            try:
+                while data := await source.read(65536):
+                    sink.write(data)
+                    await sink.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                sink.close()
+
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    def restore(self) -> None:
+        async def listen():
+            self.server = await asyncio.start_server(self._relay, "127.0.0.1", self.port)
+        self._run(listen())
+
+    def cut(self) -> None:
+        async def close():
+            self.server.close()
+            for writer in list(self.connections):
+                writer.transport.abort()  # established connections die too
+            self.connections.clear()
+        self._run(close())
+
+
+def test_database_outage_answers_503_and_recovers_by_itself(tiny_model_path, folder, postgres_url):
+    proxy = TcpProxy(5432)
+    database_url = postgres_url.replace("127.0.0.1:5432", f"127.0.0.1:{proxy.port}")
+    server = start_server(write_config(folder, tiny_model_path), env={"T2I_DATABASE_URL": database_url})
+    try:
+        with httpx.Client(base_url=server.url, timeout=60) as http:
+            session_id = create_session(http, "outage")
+            proxy.cut()
+            for call in (lambda: http.get(f"/api/v1/generative-session/{session_id}"),
+                         lambda: http.post("/api/v1/generative-process/",
+                                           json={"session_id": session_id, "input": ["during the outage"]})):
+                started = time.perf_counter()
+                response = call()
+                assert response.status_code == 503 and time.perf_counter() - started < 10
+                assert response.json()["detail"] == "Database unavailable; retry later."
+                assert response.headers["retry-after"]
+            assert http.get("/livez").status_code == 200
+
+            proxy.restore()
+            assert http.get(f"/api/v1/generative-session/{session_id}").status_code == 200
+            [process_id] = create_processes(http, session_id, 1)
+            wait_for(lambda: statuses(http, [process_id]) == [3])
+            assert http.get(f"/api/v1/generative-process/session/{session_id}").json()[0]["id"] == process_id
+    finally:
+        server.stop()
+
+
+def test_two_replicas_share_one_postgresql_and_one_images_folder(tiny_model_path, folder, postgres_url):
+    config = write_config(folder, tiny_model_path)
+    replicas = [start_server(config, env={"T2I_DATABASE_URL": postgres_url, "T2I_INSTANCE_NAME": name},
+                             log_name=f"{name}.log") for name in ("replica-a", "replica-b")]
+    a, b = (httpx.Client(base_url=replica.url, timeout=60) for replica in replicas)
+    try:
+        session_id = create_session(a, "shared")
+        assert b.get(f"/api/v1/generative-session/{session_id}").json()["name"] == "shared"
+
+        [process_id] = create_processes(a, session_id, 1)
+        wait_for(lambda: statuses(b, [process_id]) == [3])
+        image = b.get(f"/api/v1/generative-process/{process_id}").json()["output"][0]["data"]
+        assert a.get(f"/api/v1/generative-process/image/{image}").headers["content-type"] == "image/png"
+        assert b.delete(f"/api/v1/generative-process/{process_id}").status_code == 200
+        assert a.get(f"/api/v1/generative-process/{process_id}").status_code == 404
+        assert not (folder / "images" / image).exists()
+
+        with ThreadPoolExecutor(8) as pool:
+            created = list(pool.map(
+                lambda i: (a if i % 2 else b).post("/api/v1/generative-process/",
+                                                   json={"session_id": session_id, "input": [f"both {i}"]}),
+                range(40),
+            ))
+        ids = [response.json()["id"] for response in created]
+        assert all(response.status_code == 201 for response in created) and len(set(ids)) == 40
+        wait_for(lambda: all_ended(a, ids), timeout=180)
+        listed = b.get(f"/api/v1/generative-process/session/{session_id}").json()
+        assert sorted(p["id"] for p in listed) == sorted(ids) and {p["status"] for p in listed} == {3}
+        assert sorted(p["input"][0]["data"] for p in listed) == sorted(f"both {i}" for i in range(40))
+    finally:
+        a.close(), b.close()
+        for replica in replicas:
+            replica.stop()
