@@ -150,6 +150,24 @@ class ProcessCreate(BaseModel):
     input: list[str] = Field(min_length=1)
 
 
+# The route reads JSON or a form itself; this tells OpenAPI (and fuzzers) both forms.
+PROCESS_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": ProcessCreate.model_json_schema()},
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"session_id": {"type": "integer"}, "text_0": {"type": "string"}},
+                    "required": ["session_id", "text_0"],
+                }
+            },
+        },
+    }
+}
+
+
 class ImageGenerationRequest(BaseModel):
     """OpenAI's `images.generate` body plus diffusion extensions."""
 
@@ -518,7 +536,7 @@ class TextToImageService:
 
     # DashAI: processes
 
-    @app.post("/api/v1/generative-process/", status_code=201)
+    @app.post("/api/v1/generative-process/", status_code=201, openapi_extra=PROCESS_BODY_SCHEMA)
     @app.post("/api/v1/generative-process", status_code=201, include_in_schema=False)
     async def create_process(self, request: Request) -> dict[str, Any]:
         """JSON `{session_id, input: [prompt]}` or DashAI's form (`session_id`, `text_0`)."""
