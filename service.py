@@ -37,10 +37,9 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
 
 from t2i_task.config import GenerationParameters, load_settings
-from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware
+from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
 from t2i_task.runner import DiffusionRunner, GenerationRequest
 from t2i_task.store import DuplicateSessionName, NotFoundError, Store
@@ -675,24 +674,8 @@ class TextToImageService:
             raise ApiError(400, error.message, param=param) from exc
 
 
-# Outermost first: a request without a valid key is refused before its body is read.
+# In this order, outermost first: a request without a valid key is refused before its
+# body is read, and errors of routes nobody matched are JSON like every other error.
 TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.serving.api_keys)
 TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes)
-
-
-# Registered last, for this API's own prefixes: BentoML's outer router answers
-# paths that no route matches with a plain-text 404; these keep errors JSON.
-async def _no_such_route(request: Request, path: str) -> JSONResponse:
-    for route in app.router.routes:
-        if getattr(route, "endpoint", None) is not _no_such_route and route.matches(request.scope)[0] is Match.PARTIAL:
-            raise ApiError(405, f"Method {request.method} is not allowed on {request.url.path}.")
-    raise ApiError(404, f"No route {request.url.path}.")
-
-
-for _prefix in ("/api/", "/v1/"):
-    app.add_api_route(
-        _prefix + "{path:path}",
-        _no_such_route,
-        methods=["GET", "POST", "PUT", "DELETE", "PATCH"],
-        include_in_schema=False,
-    )
+TextToImageService.add_asgi_middleware(JsonRouteErrorsMiddleware)

@@ -1,4 +1,5 @@
-"""ASGI guards in front of every route, BentoML's own included: API keys and a body size limit.
+"""ASGI guards in front of every route, BentoML's own included: API keys, a body size
+limit, and JSON for the errors BentoML's own router answers in plain text.
 
 They answer in the error shape of the route they guard: OpenAI's
 `{"error": {...}}` under `/v1/`, `{"detail": ...}` elsewhere.
@@ -98,3 +99,34 @@ class BodySizeLimitMiddleware:
             if exc.status_code != 413 or response_started:
                 raise
             await send_error(send, scope["path"], 413, message)
+
+
+class JsonRouteErrorsMiddleware:
+    """Paths under this API's prefixes that no route matches (BentoML's outer
+    router answers them in plain text) get a JSON error instead."""
+
+    def __init__(self, app, prefixes: tuple[str, ...] = ("/api/", "/v1/")) -> None:
+        self.app = app
+        self.prefixes = prefixes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(self.prefixes):
+            return await self.app(scope, receive, send)
+        replaced_status: int | None = None
+
+        async def json_send(event):
+            nonlocal replaced_status
+            if event["type"] == "http.response.start":
+                content_type = dict(event.get("headers", [])).get(b"content-type", b"")
+                if event["status"] in (404, 405) and not content_type.startswith(b"application/json"):
+                    replaced_status = event["status"]
+                    return
+            elif replaced_status is not None:
+                if not event.get("more_body"):
+                    message = (f"No route {scope['path']}." if replaced_status == 404
+                               else f"Method {scope['method']} is not allowed on {scope['path']}.")
+                    await send_error(send, scope["path"], replaced_status, message)
+                return
+            await send(event)
+
+        await self.app(scope, receive, json_send)

@@ -26,7 +26,13 @@ def fuzz_server(tiny_model_path, tmp_path_factory):
 def check_response(case, response) -> None:
     assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
     if response.status_code >= 400:
-        body = response.json()  # raises if the error is not JSON
+        content_type = response.headers.get("content-type") or ""
+        content_type = content_type[0] if isinstance(content_type, list) else content_type
+        assert content_type.startswith("application/json"), (
+            f"{case.method} {case.path} {case.path_parameters} {case.query}: {response.status_code} "
+            f"{content_type} {response.text[:200]!r}"
+        )
+        body = response.json()
         message = body["error"]["message"] if case.path.startswith("/v1/") else body["detail"]
         assert message, f"{case.method} {case.path}: an error without a message"
 

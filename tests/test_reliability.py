@@ -418,3 +418,19 @@ def test_two_replicas_share_one_postgresql_and_one_images_folder(tiny_model_path
         a.close(), b.close()
         for replica in replicas:
             replica.stop()
+
+
+def test_the_batchers_own_refusal_reaches_clients_as_json_503(tiny_model_path, folder):
+    # A latency budget of 1 ms: BentoML's batcher refuses whatever queues behind a running batch.
+    server = start_server(write_config(folder, tiny_model_path, batching={"max_latency_ms": 1}))
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            answers = list(pool.map(lambda i: httpx.post(
+                f"{server.url}/v1/images/generations", timeout=60,
+                json={"prompt": f"p{i}", "size": "128x128", "num_inference_steps": 10}), range(32)))
+        codes = [a.status_code for a in answers]
+        assert set(codes) <= {200, 503} and 503 in codes, codes
+        refused = [a for a in answers if a.status_code == 503]
+        assert all(a.json()["error"]["type"] == "server_error" and a.headers["retry-after"] for a in refused)
+    finally:
+        server.stop()

@@ -192,3 +192,17 @@ def test_a_failing_request_does_not_fail_its_batch_neighbours(runner, monkeypatc
     assert [len(r.images) for r in results] == [1, 0, 1]
     alone = real_call([request("fine 2", seed=3)], [3])[0]
     assert max_difference(results[2].images[0], alone) <= BATCH_TOLERANCE
+
+
+def test_a_model_that_names_its_own_pipeline_code_is_refused_without_running_it(tiny_model_path, tmp_path):
+    import json
+
+    custom = shutil.copytree(tiny_model_path, tmp_path / "custom-code")
+    (custom / "pipeline.py").write_text("raise SystemExit('remote code ran')\n")
+    index = json.loads((custom / "model_index.json").read_text())
+    index["_class_name"] = ["pipeline", "CustomPipeline"]
+    (custom / "model_index.json").write_text(json.dumps(index))
+
+    with pytest.raises(Exception) as error:
+        DiffusionRunner(str(custom), RuntimeConfig(device="cpu"))
+    assert not isinstance(error.value, SystemExit)
