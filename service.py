@@ -6,8 +6,9 @@ Two BentoML services:
   `generate`: BentoML's adaptive batcher joins concurrent requests into one
   pipeline call.
 - `TextToImageService` speaks HTTP (a FastAPI app mounted at `/`), owns the
-  store and the task's adapters, and sends every generation, from every
-  endpoint, through `DiffusionService.generate`.
+  store, the task's adapters and the process queue (`t2i_task/processes.py`),
+  and sends every generation, from every endpoint, through
+  `DiffusionService.generate`.
 
 A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
 -> `DiffusionService.generate` -> `process_output` (PNG files) -> store ->
@@ -16,18 +17,16 @@ A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import aiohttp
 import bentoml
-from anyio import to_thread
 from bentoml.exceptions import BentoMLException
 from fastapi import FastAPI, Request
 from fastapi import Path as PathParam
@@ -41,7 +40,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from t2i_task.config import GenerationParameters, load_settings
 from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
-from t2i_task.runner import DiffusionRunner, GenerationRequest
+from t2i_task.processes import GenerationFailed, ProcessQueue, QueueFull, ShuttingDown, describe_failure
+from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
 from t2i_task.store import DuplicateSessionName, NotFoundError, Store
 from t2i_task.task import TextToImageGenerationTask
 
@@ -51,7 +51,6 @@ TASK_NAME = TextToImageGenerationTask.__name__
 MODEL_NAME = settings.model.name
 MODEL_CALL_ATTEMPTS = 3
 RETRY_AFTER_S = 5
-SWEEP_INTERVAL_S = 15
 MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
@@ -106,16 +105,6 @@ class DiffusionService:
 
 
 # HTTP schemas
-
-
-class GenerationFailed(Exception):
-    """The model could not generate a request (e.g. out of memory even when run alone)."""
-
-
-def describe_failure(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{type(exc).__name__}: {exc.strerror} ({Path(exc.filename).name})"
-    return str(exc) or type(exc).__name__
 
 
 class ApiError(Exception):
@@ -297,139 +286,31 @@ class TextToImageService:
     def __init__(self) -> None:
         self.store = Store(settings.storage.database_url, settings.storage.images_dir)
         self.task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
-        self.instance = settings.serving.instance_name
-        # DashAI processes queued or running here, by id; the tasks are held so
-        # they are not garbage-collected, and the sweep knows what is in hand.
-        self.pending: dict[int, asyncio.Task] = {}
-        self.answering = 0  # OpenAI calls admitted and not yet answered
-        self.draining = False
-        # Keeps the batcher's queue to about two full batches: work beyond waits
-        # here as DELIVERED instead of being refused by the batcher (503).
-        self.runner_slots = asyncio.Semaphore(2 * settings.batching.max_batch_size)
+        self.queue = ProcessQueue(self.store, self.task, settings, self.call_model)
+        self.db = self.queue.db
         self._openai_session_id: int | None = None
-        self._sweeper: asyncio.Task | None = None
 
     @bentoml.on_startup
     async def resume_interrupted_work(self) -> None:
-        """Re-queue what this instance was doing when it last stopped; drop orphan files."""
-        await self.requeue_lost_processes()
-        removed = await self.db(self.store.remove_orphan_images, settings.serving.request_timeout_s)
-        if removed:
-            logger.warning("removed %d image files that no process names", len(removed))
-        self._sweeper = asyncio.create_task(self.sweep())
-
-    async def requeue_lost_processes(self) -> None:
-        requeued, given_up = await self.db(
-            self.store.recover, self.instance, settings.serving.max_attempts, exclude=set(self.pending)
-        )
-        for process in requeued:
-            self.accept_process(process)
-        if requeued or given_up:
-            logger.warning("re-queued %d processes, gave up on %d", len(requeued), len(given_up))
-
-    async def sweep(self) -> None:
-        """Now and then, re-queue processes whose task was lost (a database outage, say)."""
-        while not self.draining:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            try:
-                await self.requeue_lost_processes()
-            except Exception as exc:  # the database may still be away: try again later
-                logger.warning("sweep skipped: %s", type(exc).__name__)
+        await self.queue.start()
 
     @bentoml.on_shutdown
     async def drain(self) -> None:
-        """SIGTERM: refuse new work, let running generations finish, put the rest back in the queue."""
-        self.draining = True
-        if self._sweeper:
-            self._sweeper.cancel()
-        jobs = list(self.pending.values())
-        if jobs:
-            _, unfinished = await asyncio.wait(jobs, timeout=settings.serving.drain_timeout_s)
-            for job in unfinished:
-                job.cancel()  # generate_for_process puts its process back to DELIVERED
-            await asyncio.gather(*unfinished, return_exceptions=True)
-            logger.warning("drained: %d finished, %d re-queued for the next start", len(jobs) - len(unfinished),
-                           len(unfinished))
+        """SIGTERM: running generations finish, the rest go back to the queue."""
+        await self.queue.drain()
         self.store.close()
 
-    def admit(self) -> None:
-        """Refuse a new generation early, before it piles into the batcher."""
-        if self.draining:
-            raise ApiError(503, "Server is shutting down; retry on another instance or later.",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-        admitted = len(self.pending) + self.answering
-        if admitted >= settings.serving.max_queued_generations:
-            raise ApiError(429, f"Server busy: {admitted} generations are queued. Retry later.",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
-
-    async def db(self, call: Callable, *args, **kwargs):
-        """Run a blocking store call off the event loop."""
-        return await to_thread.run_sync(lambda: call(*args, **kwargs))
-
-    # Generation, shared by every endpoint
-
-    async def generate_for_process(
-        self, process: GenerativeProcess, params: GenerationParameters, requeue_if_cancelled: bool = False
-    ) -> list[tuple[str, str]]:
-        """Run one stored process to its end: FINISHED with its images, or ERROR with the reason.
-
-        Returns the output rows (file names) on success, raises on failure. If
-        the task is cancelled (server stopping) and `requeue_if_cancelled`, a
-        started process goes back to DELIVERED for the next start instead.
-        """
-        saved: list[tuple[str, str]] = []
-        started = False
+    @contextmanager
+    def admission(self):
+        """The queue's refusals as HTTP answers: 429 when full, 503 when shutting down."""
         try:
-            prompt = self.task.prepare_for_task(process.input)
-            request = GenerationRequest(
-                prompt=prompt,
-                negative_prompt=params.negative_prompt,
-                num_inference_steps=params.num_inference_steps,
-                guidance_scale=params.guidance_scale,
-                width=params.width,
-                height=params.height,
-                seed=params.seed,
-                num_images=params.num_images_per_prompt,
-            )
-            async with self.runner_slots:
-                await self.db(self.store.start_process, process.id)
-                started = True
-                generated = await self.call_model(request)
-            provenance = [
-                {
-                    "prompt": prompt,
-                    "negative_prompt": params.negative_prompt,
-                    "seed": seed,
-                    "num_inference_steps": params.num_inference_steps,
-                    "guidance_scale": params.guidance_scale,
-                    "size": f"{params.width}x{params.height}",
-                    "model": MODEL_NAME,
-                }
-                for seed in generated.seeds
-            ]
-            saved = await to_thread.run_sync(
-                lambda: self.task.process_output(
-                    generated.images(), images_path=self.store.images_dir, parameters=provenance
-                )
-            )
-            await self.db(self.store.finish_process, process.id, saved)
-            return saved
-        except BaseException as exc:
-            self.store.remove_images(name for name, _ in saved)
-            try:
-                # Stopping (cancelled, or the model service already gone while
-                # draining) is not the process's failure: it waits for the next start.
-                stopping = isinstance(exc, asyncio.CancelledError) or self.draining
-                if stopping and requeue_if_cancelled:
-                    if started:
-                        await self.db(self.store.deliver_process, process.id)
-                else:
-                    await self.db(self.store.fail_process, process.id, describe_failure(exc))
-            except Exception:  # the process may already be ended, or the database gone: the sweep retries
-                logger.exception("could not record the outcome of process %s", process.id)
-            raise
+            yield
+        except QueueFull as exc:
+            raise ApiError(429, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+        except ShuttingDown as exc:
+            raise ApiError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
 
-    async def call_model(self, request: GenerationRequest) -> GeneratedImages:
+    async def call_model(self, request: GenerationRequest) -> GenerationResult:
         """One request through the batcher.
 
         BentoML 1.4.40's client replaces its HTTP session every 100 calls (and
@@ -440,34 +321,11 @@ class TextToImageService:
         for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
             try:
                 [generated] = await self.diffusion.to_async.generate([request])
-                if generated.error:
-                    raise GenerationFailed(generated.error)
-                return generated
+                return GenerationResult(images=generated.images(), seeds=generated.seeds, error=generated.error)
             except aiohttp.ClientConnectionError:
                 if attempt == MODEL_CALL_ATTEMPTS:
                     raise
                 logger.warning("model call cut by a client session refresh; sending it again")
-
-    def accept_process(self, process: GenerativeProcess, params: GenerationParameters | None = None) -> None:
-        """Run a stored process in the background; the caller answers at once."""
-        job = asyncio.create_task(self.run_queued(process, params))
-        self.pending[process.id] = job
-        job.add_done_callback(lambda done: self._forget(process.id, done))
-
-    async def run_queued(self, process: GenerativeProcess, params: GenerationParameters | None) -> None:
-        if params is None:  # resumed after a restart: the session says how
-            session = await self.db(self.store.get_session, process.session_id)
-            try:
-                params = GenerationParameters.model_validate(session.parameters)
-            except ValidationError as exc:
-                await self.db(self.store.fail_process, process.id, f"unusable session parameters: {exc}")
-                return
-        await self.generate_for_process(process, params, requeue_if_cancelled=True)
-
-    def _forget(self, process_id: int, job: asyncio.Task) -> None:
-        self.pending.pop(process_id, None)
-        if not job.cancelled():
-            job.exception()  # consumed: the failure is already recorded as the process's ERROR
 
     def process_json(self, process: GenerativeProcess, as_base64: bool = False) -> dict[str, Any]:
         try:
@@ -540,7 +398,8 @@ class TextToImageService:
     async def create_process(self, request: Request) -> dict[str, Any]:
         """JSON `{session_id, input: [prompt]}` or DashAI's form (`session_id`, `text_0`)."""
         body = await self._process_body(request)
-        self.admit()
+        with self.admission():
+            self.queue.admit()
         try:
             inputs = self.task.prepare_input_for_database(body.input)
         except ValueError as exc:
@@ -550,8 +409,8 @@ class TextToImageService:
             params = GenerationParameters.model_validate(session.parameters)
         except ValidationError as exc:
             raise ApiError(409, f"Session {session.id} has unusable parameters: {exc}") from exc
-        process = await self.db(self.store.create_process, session.id, inputs, owner=self.instance)
-        self.accept_process(process, params)
+        process = await self.db(self.store.create_process, session.id, inputs, owner=self.queue.instance)
+        self.queue.accept(process, params)
         return self.process_json(process)
 
     @staticmethod
@@ -618,20 +477,17 @@ class TextToImageService:
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from exc
 
-        self.admit()
-        self.answering += 1
-        try:
+        with self.admission(), self.queue.answering_one():
             process = await self.db(self.store.create_process, await self.openai_session_id(), inputs,
-                                    owner=self.instance)
-            saved = await self.generate_for_process(process, params)
-        except BentoMLException as exc:
-            status = exc.error_code if exc.error_code in (429, 503, 504) else 500
-            raise ApiError(int(status), f"Generation failed: {exc}",
-                           headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
-        except (GenerationFailed, OSError) as exc:  # the model, or the images folder
-            raise ApiError(500, f"Generation failed: {describe_failure(exc)}") from exc
-        finally:
-            self.answering -= 1
+                                    owner=self.queue.instance)
+            try:
+                saved = await self.queue.generate(process, params)
+            except BentoMLException as exc:
+                status = exc.error_code if exc.error_code in (429, 503, 504) else 500
+                raise ApiError(int(status), f"Generation failed: {exc}",
+                               headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+            except (GenerationFailed, OSError) as exc:  # the model, or the images folder
+                raise ApiError(500, f"Generation failed: {describe_failure(exc)}") from exc
 
         if body.response_format == "url":
             base = str(request.base_url).rstrip("/")

@@ -1,0 +1,221 @@
+"""Stored processes, run to their end: the queue between the HTTP routes and the model.
+
+A process is stored DELIVERED, started when a model slot is free, and ends
+FINISHED with its images or ERROR with the reason. This module also keeps that
+promise across failures: it admits no more work than it can queue, re-queues
+what this instance had in hand when it last stopped (or lost track of during a
+database outage), gives up with a reason on work that keeps being interrupted,
+and on shutdown lets running generations finish and puts the rest back.
+
+It knows the store and the task's adapters; the model is a coroutine it is
+given (`call_model`), and HTTP is the caller's business.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from contextlib import contextmanager
+from pathlib import Path
+
+from anyio import to_thread
+from pydantic import ValidationError
+
+from t2i_task.config import GenerationParameters, Settings
+from t2i_task.models import GenerativeProcess
+from t2i_task.runner import GenerationRequest, GenerationResult
+from t2i_task.store import Store
+from t2i_task.task import TextToImageGenerationTask
+
+log = logging.getLogger(__name__)
+
+SWEEP_INTERVAL_S = 15
+
+ModelCall = Callable[[GenerationRequest], Awaitable[GenerationResult]]
+
+
+class QueueFull(Exception):
+    """More generations are admitted than `serving.max_queued_generations`."""
+
+
+class ShuttingDown(Exception):
+    """The server is draining: no new work."""
+
+
+class GenerationFailed(Exception):
+    """The model could not generate a request (out of memory even when run alone, say)."""
+
+
+def describe_failure(exc: BaseException) -> str:
+    """The reason stored in an ERROR process's output row."""
+    if isinstance(exc, OSError) and exc.filename:
+        return f"{type(exc).__name__}: {exc.strerror} ({Path(exc.filename).name})"
+    return str(exc) or type(exc).__name__
+
+
+class ProcessQueue:
+    def __init__(self, store: Store, task: TextToImageGenerationTask, settings: Settings, call_model: ModelCall) -> None:
+        self.store, self.task, self.call_model = store, task, call_model
+        self.serving = settings.serving
+        self.model_name = settings.model.name
+        self.instance = settings.serving.instance_name
+        # Processes queued or running here, by id; the tasks are held so they
+        # are not garbage-collected, and the sweep knows what is in hand.
+        self.pending: dict[int, asyncio.Task] = {}
+        self.answering = 0  # synchronous generations (OpenAI calls) admitted and not yet answered
+        self.draining = False
+        # Keeps the batcher's queue to about two full batches: work beyond waits
+        # here as DELIVERED instead of being refused by the batcher (503).
+        self.model_slots = asyncio.Semaphore(2 * settings.batching.max_batch_size)
+        self._sweeper: asyncio.Task | None = None
+
+    async def db(self, call: Callable, *args, **kwargs):
+        """Run a blocking store call off the event loop."""
+        return await to_thread.run_sync(lambda: call(*args, **kwargs))
+
+    # Admission
+
+    def admit(self) -> None:
+        """Refuse a new generation early, before it piles into the batcher."""
+        if self.draining:
+            raise ShuttingDown("Server is shutting down; retry on another instance or later.")
+        admitted = len(self.pending) + self.answering
+        if admitted >= self.serving.max_queued_generations:
+            raise QueueFull(f"Server busy: {admitted} generations are queued. Retry later.")
+
+    @contextmanager
+    def answering_one(self):
+        """Count a synchronous generation while its caller waits for it."""
+        self.admit()
+        self.answering += 1
+        try:
+            yield
+        finally:
+            self.answering -= 1
+
+    # Running processes
+
+    def accept(self, process: GenerativeProcess, params: GenerationParameters | None = None) -> None:
+        """Run a stored process in the background; the caller answers at once."""
+        job = asyncio.create_task(self._run_queued(process, params))
+        self.pending[process.id] = job
+        job.add_done_callback(lambda done: self._forget(process.id, done))
+
+    async def _run_queued(self, process: GenerativeProcess, params: GenerationParameters | None) -> None:
+        if params is None:  # resumed after a restart: the session says how
+            session = await self.db(self.store.get_session, process.session_id)
+            try:
+                params = GenerationParameters.model_validate(session.parameters)
+            except ValidationError as exc:
+                await self.db(self.store.fail_process, process.id, f"unusable session parameters: {exc}")
+                return
+        await self.generate(process, params, requeue_if_stopped=True)
+
+    def _forget(self, process_id: int, job: asyncio.Task) -> None:
+        self.pending.pop(process_id, None)
+        if not job.cancelled():
+            job.exception()  # consumed: the failure is already recorded as the process's ERROR
+
+    async def generate(
+        self, process: GenerativeProcess, params: GenerationParameters, requeue_if_stopped: bool = False
+    ) -> list[tuple[str, str]]:
+        """Run one stored process to its end: FINISHED with its images, or ERROR with the reason.
+
+        Returns the output rows (file names) on success, raises on failure. If
+        the server is stopping (the task cancelled, or the model gone while
+        draining) and `requeue_if_stopped`, a started process goes back to
+        DELIVERED for the next start instead: stopping is not its failure.
+        """
+        saved: list[tuple[str, str]] = []
+        started = False
+        try:
+            prompt = self.task.prepare_for_task(process.input)
+            request = GenerationRequest(
+                prompt=prompt,
+                negative_prompt=params.negative_prompt,
+                num_inference_steps=params.num_inference_steps,
+                guidance_scale=params.guidance_scale,
+                width=params.width,
+                height=params.height,
+                seed=params.seed,
+                num_images=params.num_images_per_prompt,
+            )
+            async with self.model_slots:
+                await self.db(self.store.start_process, process.id)
+                started = True
+                generated = await self.call_model(request)
+            if generated.error:
+                raise GenerationFailed(generated.error)
+            provenance = [
+                {
+                    "prompt": prompt,
+                    "negative_prompt": params.negative_prompt,
+                    "seed": seed,
+                    "num_inference_steps": params.num_inference_steps,
+                    "guidance_scale": params.guidance_scale,
+                    "size": f"{params.width}x{params.height}",
+                    "model": self.model_name,
+                }
+                for seed in generated.seeds
+            ]
+            saved = await to_thread.run_sync(
+                lambda: self.task.process_output(generated.images, images_path=self.store.images_dir,
+                                                 parameters=provenance)
+            )
+            await self.db(self.store.finish_process, process.id, saved)
+            return saved
+        except BaseException as exc:
+            self.store.remove_images(name for name, _ in saved)
+            try:
+                stopping = isinstance(exc, asyncio.CancelledError) or self.draining
+                if stopping and requeue_if_stopped:
+                    if started:
+                        await self.db(self.store.deliver_process, process.id)
+                else:
+                    await self.db(self.store.fail_process, process.id, describe_failure(exc))
+            except Exception:  # already ended, or the database gone: the sweep retries
+                log.exception("could not record the outcome of process %s", process.id)
+            raise
+
+    # Start, sweep, stop
+
+    async def start(self) -> None:
+        """Re-queue what this instance was doing when it last stopped; drop orphan files."""
+        await self.requeue_lost()
+        removed = await self.db(self.store.remove_orphan_images, self.serving.request_timeout_s)
+        if removed:
+            log.warning("removed %d image files that no process names", len(removed))
+        self._sweeper = asyncio.create_task(self._sweep())
+
+    async def requeue_lost(self) -> None:
+        requeued, given_up = await self.db(
+            self.store.recover, self.instance, self.serving.max_attempts, exclude=set(self.pending)
+        )
+        for process in requeued:
+            self.accept(process)
+        if requeued or given_up:
+            log.warning("re-queued %d processes, gave up on %d", len(requeued), len(given_up))
+
+    async def _sweep(self) -> None:
+        """Now and then, re-queue processes whose task was lost (a database outage, say)."""
+        while not self.draining:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            try:
+                await self.requeue_lost()
+            except Exception as exc:  # the database may still be away: try again later
+                log.warning("sweep skipped: %s", type(exc).__name__)
+
+    async def drain(self) -> None:
+        """Refuse new work, let running generations finish, put the rest back in the queue."""
+        self.draining = True
+        if self._sweeper:
+            self._sweeper.cancel()
+        jobs = list(self.pending.values())
+        if jobs:
+            _, unfinished = await asyncio.wait(jobs, timeout=self.serving.drain_timeout_s)
+            for job in unfinished:
+                job.cancel()  # generate() puts its process back to DELIVERED
+            await asyncio.gather(*unfinished, return_exceptions=True)
+            log.warning("drained: %d finished, %d re-queued for the next start", len(jobs) - len(unfinished),
+                        len(unfinished))
