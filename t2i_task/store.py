@@ -241,11 +241,6 @@ class Store:
             query = select(GenerativeProcess).where(GenerativeProcess.session_id == session_id)
             return list(db.scalars(query.order_by(GenerativeProcess.id)))
 
-    def list_processes_by_status(self, *statuses: RunStatus) -> list[GenerativeProcess]:
-        with self._sessionmaker() as db:
-            query = select(GenerativeProcess).where(GenerativeProcess.status.in_(statuses))
-            return list(db.scalars(query.order_by(GenerativeProcess.id)))
-
     def deliver_process(self, process_id: int) -> GenerativeProcess:
         """Queue a NOT_STARTED process, or put a STARTED one back in the queue."""
         return self._move(process_id, RunStatus.DELIVERED)
