@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2i_task.config import GenerationParameters, load_settings
+from t2i_task.config import CleanText, GenerationParameters, load_settings
 from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
 from t2i_task.processes import GenerationFailed, ProcessQueue, QueueFull, ShuttingDown, describe_failure
@@ -119,10 +119,10 @@ class SessionCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task_name: str
-    name: str = Field(min_length=1, max_length=255)
+    name: CleanText = Field(min_length=1, max_length=255)
     model_name: str | None = Field(default=None, description="Omitted: the served model.")
     parameters: dict[str, Any] = Field(default_factory=dict)
-    description: str | None = None
+    description: CleanText | None = Field(default=None, max_length=10_000)
 
 
 class ParametersUpdate(BaseModel):

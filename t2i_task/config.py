@@ -13,10 +13,10 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
@@ -88,6 +88,17 @@ class StorageConfig(_Section):
     images_dir: Path
 
 
+def _no_nul(text: str) -> str:
+    # PostgreSQL cannot store NUL in text, and no tokenizer or PNG chunk wants it.
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    return text
+
+
+# A string that can be stored and written anywhere: no NUL character.
+CleanText = Annotated[str, AfterValidator(_no_nul)]
+
+
 class GenerationParameters(_Section):
     """The parameters of a generation: a session's `parameters` and the defaults.
 
@@ -97,7 +108,7 @@ class GenerationParameters(_Section):
 
     num_inference_steps: int = Field(default=25, ge=1)
     guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False)
-    negative_prompt: str | None = None
+    negative_prompt: CleanText | None = None
     width: int = Field(default=512, ge=8, multiple_of=8)
     height: int = Field(default=512, ge=8, multiple_of=8)
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1, description="-1 draws a random seed, returned with the image.")

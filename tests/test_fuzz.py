@@ -16,9 +16,11 @@ FAST_LIMITS = {"limits": {"max_width": 64, "max_height": 64, "max_steps": 2, "ma
                "defaults": {"num_inference_steps": 1}}
 
 
-@pytest.fixture(scope="module")
-def fuzz_server(tiny_model_path, tmp_path_factory):
-    server = start_server(write_config(tmp_path_factory.mktemp("fuzz"), tiny_model_path, **FAST_LIMITS))
+@pytest.fixture
+def fuzz_server(tiny_model_path, tmp_path, database_url):
+    """A server on each database: PostgreSQL refuses inputs SQLite takes (NUL, 64-bit ids)."""
+    server = start_server(write_config(tmp_path, tiny_model_path, **FAST_LIMITS),
+                          env={"T2I_DATABASE_URL": database_url})
     yield server
     server.stop()
 

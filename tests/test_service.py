@@ -187,6 +187,7 @@ def test_openai_errors_name_the_parameter(client):
         ({"guidance_scale": -1}, "guidance_scale"),
         ({"num_images_per_prompt": 99}, "num_images_per_prompt"),
         ({"sampler": "euler"}, "sampler"),
+        ({"negative_prompt": "nul \x00 inside"}, "negative_prompt"),
     ],
 )
 def test_bad_session_parameters_get_a_422_naming_the_field(http, parameters, field):
@@ -195,6 +196,12 @@ def test_bad_session_parameters_get_a_422_naming_the_field(http, parameters, fie
     )
     assert response.status_code == 422
     assert response.json()["field"] == field and field in response.json()["detail"]
+
+
+def test_session_names_with_nul_are_refused_before_the_database(http):
+    # PostgreSQL cannot store NUL in text: refused as input, never a 500 from the database.
+    response = http.post("/api/v1/generative-session/", json={"task_name": TASK, "name": "a\x00b"})
+    assert response.status_code == 422 and response.json()["field"] == "name"
 
 
 def test_unregistered_model_or_task_is_a_400(http):
