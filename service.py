@@ -38,7 +38,13 @@ from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i_task.config import CleanText, GenerationParameters, load_settings
-from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
+from t2i_task.http_guards import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    JsonRouteErrorsMiddleware,
+    error_payload,
+    is_openai_path,
+)
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
 from t2i_task.processes import GenerationFailed, ProcessQueue, QueueFull, ShuttingDown, describe_failure
 from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
@@ -219,18 +225,8 @@ app = FastAPI(
 )
 
 
-def _is_openai(request: Request) -> bool:
-    return request.url.path.startswith("/v1/")
-
-
 def _error_response(request: Request, error: ApiError) -> JSONResponse:
-    if _is_openai(request):
-        kind = "invalid_request_error" if error.status < 500 else "server_error"
-        body = {"error": {"message": error.message, "type": kind, "param": error.param, "code": None}}
-    else:
-        body = {"detail": error.message}
-        if error.param:
-            body["field"] = error.param
+    body = error_payload(request.url.path, error.status, error.message, param=error.param)
     return JSONResponse(body, status_code=error.status, headers=error.headers)
 
 
@@ -243,7 +239,7 @@ async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
     errors = field_errors(exc)
     message = "; ".join(f"{field}: {text}" for field, text in errors)
-    status = 400 if _is_openai(request) else 422  # OpenAI answers 400, FastAPI/DashAI 422
+    status = 400 if is_openai_path(request.url.path) else 422  # OpenAI answers 400, FastAPI/DashAI 422
     return _error_response(request, ApiError(status, message, param=errors[0][0] if errors else None))
 
 

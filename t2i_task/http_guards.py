@@ -16,18 +16,21 @@ from starlette.exceptions import HTTPException
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 
 
-def error_body(path: str, status: int, message: str, code: str | None = None) -> bytes:
-    if path.startswith("/v1/"):
+def is_openai_path(path: str) -> bool:
+    return path.startswith("/v1/")
+
+
+def error_payload(path: str, status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """The one error shape rule: OpenAI's under `/v1/`, FastAPI's `detail` (plus `field`) elsewhere."""
+    if is_openai_path(path):
         kind = "invalid_request_error" if status < 500 else "server_error"
-        body = {"error": {"message": message, "type": kind, "param": None, "code": code}}
-    else:
-        body = {"detail": message}
-    return json.dumps(body).encode()
+        return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+    return {"detail": message, **({"field": param} if param else {})}
 
 
 async def send_error(send, path: str, status: int, message: str, code: str | None = None,
                      headers: Iterable[tuple[bytes, bytes]] = ()) -> None:
-    body = error_body(path, status, message, code)
+    body = json.dumps(error_payload(path, status, message, code=code)).encode()
     await send({
         "type": "http.response.start",
         "status": status,
