@@ -17,6 +17,7 @@ A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import time
@@ -57,6 +58,7 @@ TASK_NAME = TextToImageGenerationTask.__name__
 MODEL_NAME = settings.model.name
 MODEL_CALL_ATTEMPTS = 3
 RETRY_AFTER_S = 5
+MODEL_READY_POLL_S = 0.5
 MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
@@ -285,14 +287,31 @@ class TextToImageService:
         self.queue = ProcessQueue(self.store, self.task, settings, self.call_model)
         self.db = self.queue.db
         self._openai_session_id: int | None = None
+        self._resuming: asyncio.Task | None = None
 
     @bentoml.on_startup
     async def resume_interrupted_work(self) -> None:
+        # BentoML sets up the client of the model service only after the startup
+        # hooks, and the model may still be loading: resuming work here would fail
+        # it. Resume in the background once the model answers.
+        self._resuming = asyncio.create_task(self._resume_when_model_ready())
+
+    async def _resume_when_model_ready(self) -> None:
+        while not ("generate" in getattr(self.diffusion, "endpoints", {}) and await self._model_ready()):
+            await asyncio.sleep(MODEL_READY_POLL_S)
         await self.queue.start()
+
+    async def _model_ready(self) -> bool:
+        try:
+            return await self.diffusion.is_ready(5)
+        except aiohttp.ClientError:
+            return False
 
     @bentoml.on_shutdown
     async def drain(self) -> None:
         """SIGTERM: running generations finish, the rest go back to the queue."""
+        if self._resuming:
+            self._resuming.cancel()
         await self.queue.drain()
         self.store.close()
 
@@ -395,7 +414,7 @@ class TextToImageService:
         """JSON `{session_id, input: [prompt]}` or DashAI's form (`session_id`, `text_0`)."""
         body = await self._process_body(request)
         with self.admission():
-            self.queue.admit()
+            self.queue.admit()  # refuse before any validation work
         try:
             inputs = self.task.prepare_input_for_database(body.input)
         except ValueError as exc:
@@ -405,8 +424,8 @@ class TextToImageService:
             params = GenerationParameters.model_validate(session.parameters)
         except ValidationError as exc:
             raise ApiError(409, f"Session {session.id} has unusable parameters: {exc}") from exc
-        process = await self.db(self.store.create_process, session.id, inputs, owner=self.queue.instance)
-        self.queue.accept(process, params)
+        with self.admission():
+            process = await self.queue.submit(session.id, inputs, params)
         return self.process_json(process)
 
     @staticmethod
@@ -473,11 +492,9 @@ class TextToImageService:
         except ValueError as exc:
             raise ApiError(400, str(exc), param="prompt") from exc
 
-        with self.admission(), self.queue.answering_one():
-            process = await self.db(self.store.create_process, await self.openai_session_id(), inputs,
-                                    owner=self.queue.instance)
+        with self.admission():
             try:
-                saved = await self.queue.generate(process, params)
+                saved = await self.queue.run_now(await self.openai_session_id(), inputs, params)
             except BentoMLException as exc:
                 status = exc.error_code if exc.error_code in (429, 503, 504) else 500
                 raise ApiError(int(status), f"Generation failed: {exc}",

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import psutil
 import yaml
 
 from t2i_task.config import DEFAULT_CONFIG_PATH
@@ -45,22 +46,37 @@ class Server:
     log: Path
     config: Path
 
+    def _processes(self) -> list[psutil.Process]:
+        """The server and its workers, which BentoML starts in sessions of their own
+        (a signal to the server's process group does not reach them)."""
+        try:
+            root = psutil.Process(self.process.pid)
+            return [root, *root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
     def stop(self, timeout: float = 60) -> int:
-        """SIGTERM to the whole process group (a graceful drain); SIGKILL after `timeout`."""
+        """SIGTERM to the server (it drains and stops its workers); SIGKILL to whatever is left after `timeout`."""
+        processes = self._processes()
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.send_signal(signal.SIGTERM)
             try:
                 self.process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.kill()
+                pass
+        _, alive = psutil.wait_procs(processes, timeout=10)
+        for process in alive:
+            process.kill()
+        self.process.wait()
         return self.process.returncode
 
     def kill(self) -> None:
         """SIGKILL to every process of the server at once: a crash, nothing drains."""
-        try:
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+        for process in self._processes():
+            try:
+                process.kill()
+            except psutil.NoSuchProcess:
+                pass
         self.process.wait()
 
 
@@ -84,7 +100,7 @@ def start_server(config: Path, timeout: float = 90, env: dict[str, str] | None =
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
-            start_new_session=True,  # its own process group: stop() ends the workers too
+            start_new_session=True,  # signals from the terminal running the tests stay out
         )
     server = Server(f"http://127.0.0.1:{port}", process, log, config)
     deadline = time.monotonic() + timeout

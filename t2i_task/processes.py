@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable
-from contextlib import contextmanager
 from pathlib import Path
 
 from anyio import to_thread
@@ -64,6 +63,11 @@ class ProcessQueue:
         # are not garbage-collected, and the sweep knows what is in hand.
         self.pending: dict[int, asyncio.Task] = {}
         self.answering = 0  # synchronous generations (OpenAI calls) admitted and not yet answered
+        self.in_hand: set[int] = set()  # their process ids, once stored
+        # Held while new processes are stored and registered, and while the
+        # sweep decides what is lost: the sweep never takes a process that is
+        # being stored or generated here.
+        self._claims = asyncio.Lock()
         self.draining = False
         # Keeps the batcher's queue to about two full batches: work beyond waits
         # here as DELIVERED instead of being refused by the batcher (503).
@@ -84,15 +88,32 @@ class ProcessQueue:
         if admitted >= self.serving.max_queued_generations:
             raise QueueFull(f"Server busy: {admitted} generations are queued. Retry later.")
 
-    @contextmanager
-    def answering_one(self):
-        """Count a synchronous generation while its caller waits for it."""
+    async def submit(
+        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters
+    ) -> GenerativeProcess:
+        """Store a new process and run it in the background; the caller answers at once."""
+        self.admit()
+        async with self._claims:
+            process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance)
+            self.accept(process, params)
+        return process
+
+    async def run_now(
+        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters
+    ) -> list[tuple[str, str]]:
+        """Store a new process and run it while the caller waits: its output rows."""
         self.admit()
         self.answering += 1
+        process = None
         try:
-            yield
+            async with self._claims:
+                process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance)
+                self.in_hand.add(process.id)
+            return await self.generate(process, params)
         finally:
             self.answering -= 1
+            if process is not None:
+                self.in_hand.discard(process.id)
 
     # Running processes
 
@@ -189,11 +210,12 @@ class ProcessQueue:
         self._sweeper = asyncio.create_task(self._sweep())
 
     async def requeue_lost(self) -> None:
-        requeued, given_up = await self.db(
-            self.store.recover, self.instance, self.serving.max_attempts, exclude=set(self.pending)
-        )
-        for process in requeued:
-            self.accept(process)
+        async with self._claims:
+            requeued, given_up = await self.db(
+                self.store.recover, self.instance, self.serving.max_attempts, exclude=set(self.pending) | self.in_hand
+            )
+            for process in requeued:
+                self.accept(process)
         if requeued or given_up:
             log.warning("re-queued %d processes, gave up on %d", len(requeued), len(given_up))
 

@@ -271,7 +271,7 @@ def test_out_of_memory_fails_only_the_request_that_causes_it(tiny_model_path, fo
             answers = list(pool.map(generate, [f"fine {i}" if i != 5 else "poison" for i in range(12)]))
         codes = [a.status_code for a in answers]
         assert codes[5] == 500 and "out of memory" in answers[5].json()["error"]["message"]
-        assert codes[:5] + codes[6:] == [200] * 11, codes
+        assert codes[:5] + codes[6:] == [200] * 11, [(c, a.text[:160]) for c, a in zip(codes, answers) if c != 200]
         assert generate("fine again").status_code == 200
     finally:
         server.stop()
