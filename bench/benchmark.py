@@ -193,10 +193,10 @@ async def dashai_burst(url: str, concurrency: int, parameters: dict) -> dict:
             "stuck": len(pending), "all_json": refused_json}
 
 
-def measure_server(config: Path, model_path: Path, levels: list[int], seconds: float, body: dict,
+def measure_server(config: Path, levels: list[int], seconds: float, body: dict,
                    parameters: dict) -> tuple[list[dict], dict]:
     with tempfile.TemporaryDirectory(prefix="t2i-bench-") as folder:
-        server = start_server(write_config(Path(folder), model_path, base=config))
+        server = start_server(write_config(Path(folder), base=config))
         try:
             log(f"  server ready at {server.url}; warming up (BentoML trains its batching model first)")
             with httpx.Client(base_url=server.url, timeout=600) as client:
@@ -355,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
             "response_format": "b64_json", "num_inference_steps": args.steps, "guidance_scale": args.guidance}
     parameters = {"width": args.size, "height": args.size, "num_inference_steps": args.steps,
                   "guidance_scale": args.guidance}
-    served, burst = measure_server(config, Path(settings.model.path), args.concurrency, args.seconds, body, parameters)
+    served, burst = measure_server(config, args.concurrency, args.seconds, body, parameters)
 
     results = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -15,7 +15,7 @@ import httpx
 import psutil
 import yaml
 
-from t2i_task.config import DEFAULT_CONFIG_PATH
+from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings
 
 PROJECT_ROOT = DEFAULT_CONFIG_PATH.parent
 BENTOML = Path(sys.executable).with_name("bentoml")
@@ -27,10 +27,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def write_config(folder: Path, model_path: Path, base: Path = DEFAULT_CONFIG_PATH, **overrides) -> Path:
-    """The `base` configuration with the given model, a fresh database and images folder in `folder`."""
+def write_config(folder: Path, model_path: Path | None = None, base: Path = DEFAULT_CONFIG_PATH, **overrides) -> Path:
+    """The `base` configuration with a fresh database and images folder in `folder`.
+
+    `model_path` swaps the model for another, served under its folder's name;
+    `overrides` update whole sections, e.g. `serving={"max_attempts": 1}`.
+    """
     config = yaml.safe_load(base.read_text())
-    config["model"]["path"] = str(model_path)
+    if model_path is None:
+        # Keep the base's model; relative paths are relative to the base file, not to `folder`.
+        config["model"]["path"] = str(load_settings(base).model.path)
+    else:
+        config["model"].update(name=Path(model_path).name, path=str(model_path))
     config["storage"] = {"database_url": f"sqlite:///{folder / 't2i.db'}", "images_dir": str(folder / "images")}
     for section, values in overrides.items():
         config.setdefault(section, {}).update(values)

@@ -7,14 +7,10 @@ import subprocess
 
 import yaml
 
-from t2i_task.tiny_model import write_tiny_model
 from t2i_task.local_server import BENTOML, PROJECT_ROOT
 
 
 def test_bentoml_build_packs_code_configuration_model_and_gpu_dockerfile(tmp_path):
-    model = PROJECT_ROOT / "models" / "tiny-sd"
-    if not (model / "model_index.json").exists():
-        write_tiny_model(model)  # what `make model` does
     env = {**os.environ, "BENTOML_HOME": str(tmp_path / "home"), "BENTOML_DO_NOT_TRACK": "True"}
 
     done = subprocess.run(
@@ -26,8 +22,8 @@ def test_bentoml_build_packs_code_configuration_model_and_gpu_dockerfile(tmp_pat
     [bento] = [p for p in (tmp_path / "home" / "bentos" / "t2i-task").iterdir() if p.name != "latest"]
     src = bento / "src"
     for path in ("service.py", "configuration.yaml", "t2i_task/task.py", "t2i_task/runner.py", "t2i_task/store.py",
-                 "models/tiny-sd/model_index.json", "models/tiny-sd/unet/diffusion_pytorch_model.safetensors",
-                 "models/tiny-sd/tokenizer/tokenizer.json"):
+                 "demo_model/model_index.json", "demo_model/unet/diffusion_pytorch_model.safetensors",
+                 "demo_model/tokenizer/tokenizer.json", "demo_model/README.md"):
         assert (src / path).is_file(), f"{path} missing from the Bento"
     for unwanted in ("tests", ".venv", "data", ".git"):
         assert not (src / unwanted).exists(), f"{unwanted} must not be packed"

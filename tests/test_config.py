@@ -38,10 +38,10 @@ def no_env_overrides(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_the_shipped_configuration_serves_the_offline_model():
+def test_the_shipped_configuration_serves_the_demo_model():
     settings = load_settings()
     root = DEFAULT_CONFIG_PATH.parent
-    assert settings.model.path == str(root / "models" / "tiny-sd")
+    assert settings.model.path == str(root / "demo_model") and settings.model.name == "shapes-32"
     assert settings.storage.database_url == f"sqlite:///{root / 'data' / 't2i.db'}"
     assert settings.storage.images_dir == root / "data" / "images"
     assert settings.runtime.device == "auto" and settings.batching.max_batch_size > 1
@@ -52,7 +52,7 @@ def test_relative_paths_are_resolved_against_the_files_folder(write_config, monk
     monkeypatch.chdir(tmp_path)  # another working directory changes nothing
     settings = load_settings(path)
     assert settings.storage.images_dir == path.parent / "data" / "images"
-    assert settings.model.path == str(path.parent / "models" / "tiny-sd")
+    assert settings.model.path == str(path.parent / "demo_model")
 
 
 def test_a_hub_model_id_is_kept_as_it_is(write_config):

@@ -36,3 +36,23 @@ def test_a_smoke_run_writes_a_pipeline_the_server_loads(tmp_path):
     [result] = runner.generate([GenerationRequest(prompt="a red circle on a blue background", num_inference_steps=2,
                                                   guidance_scale=4.0, width=64, height=64, seed=1)])
     assert result.images[0].size == (64, 64)
+
+
+def test_evaluation_scores_a_model_and_rewrites_only_its_card_section(tmp_path, tiny_model_path):
+    import shutil
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_model_path, model)
+    (model / "README.md").write_text("# card\n\nkept\n<!-- evaluate: start -->\nold\n<!-- evaluate: end -->\ntail\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "training.evaluate", str(model), "--images", "6", "--steps", "2", "--card"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((model / "evaluation.json").read_text())
+    assert results["images"] == 6 and results["settings"]["steps"] == 2
+    assert sum(e["images"] for e in (results["scores"]["held_out"]["shape"], results["scores"]["trained"]["shape"])) == 6
+    assert results["scores"]["held_out"]["shape"]["images"] == 2  # a third of the prompts
+    assert results["batch_one"]["median_s"] > 0
+    card = (model / "README.md").read_text()
+    assert "old" not in card and "kept" in card and "tail" in card and "| shape |" in card

@@ -81,8 +81,10 @@ def render(scene: Scene, resolution: int = 64, jitter: random.Random | None = No
         cx += jitter.uniform(-0.04, 0.04) * resolution
         cy += jitter.uniform(-0.04, 0.04) * resolution
     half = extent / 2
-    # Whole shapes only: a large one on the left moves right until it fits.
-    cx, cy = (min(max(c, half + 2), resolution - half - 2) for c in (cx, cy))
+    # Whole shapes only: a large one on the left moves right until it fits, a margin
+    # of 1/32 of the side from the edge (the same share at every resolution).
+    margin = resolution / 32
+    cx, cy = (min(max(c, half + margin), resolution - half - margin) for c in (cx, cy))
     box = (cx - half, cy - half, cx + half, cy + half)
     draw = ImageDraw.Draw(image)
     fill = COLOURS[scene.colour]
