@@ -46,7 +46,7 @@ loadtest: install
 bench-runner: install
 	$(PY) bench/runner_overhead.py
 
-# Retrains the shipped demo model into models/demo (about an hour on 2 CPU cores), then
+# Retrains the shipped demo model into models/demo (35 minutes on 2 CPU cores), then
 # scores it with the judge; copy the folder over demo_model/ to ship it (demo_model/README.md).
 demo-model: install
 	$(PY) -m training.train_demo_model models/demo

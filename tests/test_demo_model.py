@@ -41,6 +41,14 @@ FIXED_PROMPTS = [
 ]
 
 
+def test_the_shipped_weights_are_small_safetensors():
+    folder = PROJECT_ROOT / "demo_model"
+    files = [path for path in folder.rglob("*") if path.is_file()]
+    assert not [path for path in files if path.suffix in {".bin", ".pt", ".ckpt", ".pkl"}]
+    assert {path.parent.name for path in files if path.suffix == ".safetensors"} == {"unet", "vae", "text_encoder"}
+    assert sum(path.stat().st_size for path in files) <= 20 * 2**20
+
+
 @pytest.fixture(scope="module")
 def demo_server(tmp_path_factory):
     """`configuration.yaml` as shipped (model, defaults), with its own database and images folder."""

@@ -117,8 +117,9 @@ def test_processes_are_listed_per_session_and_deleted_with_their_files(http):
 
 
 def test_session_parameters_can_be_updated(http):
-    session = create_session(http, "updates", height=64)
-    response = http.put(f"/api/v1/generative-session/{session['id']}/parameters", json={"parameters": {"width": 128}})
+    session = create_session(http, "updates")
+    response = http.put(f"/api/v1/generative-session/{session['id']}/parameters",
+                        json={"parameters": {"width": 128, "height": 64}})
     assert response.status_code == 200, response.text
     assert http.get(f"/api/v1/generative-session/{session['id']}").json()["parameters"]["width"] == 128
 
