@@ -113,7 +113,8 @@ def test_readme_examples_work_as_printed_and_the_quickstart_picture_is_what_curl
     assert made.size == (32, 32)
     prompt = re.search(r'"prompt": "([^"]+)"', section).group(1)
     assert prompt == "a red circle on a blue background"
-    assert (judge(made).colour, judge(made).shape, judge(made).background) == ("red", "circle", "blue")
+    picture = judge(made)
+    assert (picture.colour, picture.shape, picture.background) == ("red", "circle", "blue")
     shown = Image.open(QUICKSTART_PICTURE).convert("RGB")
     difference = np.abs(np.asarray(made, dtype=np.int16) - np.asarray(shown, dtype=np.int16))
     assert difference.mean() < 2, "docs/quickstart.png is not what the README's curl line makes"

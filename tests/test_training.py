@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -39,8 +40,6 @@ def test_a_smoke_run_writes_a_pipeline_the_server_loads(tmp_path):
 
 
 def test_evaluation_scores_a_model_and_rewrites_only_its_card_section(tmp_path, tiny_model_path):
-    import shutil
-
     model = tmp_path / "model"
     shutil.copytree(tiny_model_path, model)
     (model / "README.md").write_text("# card\n\nkept\n<!-- evaluate: start -->\nold\n<!-- evaluate: end -->\ntail\n")

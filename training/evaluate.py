@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import os
-import platform
 import random
 import re
 import statistics
@@ -33,7 +31,7 @@ from t2i_task.config import RuntimeConfig, load_settings
 from t2i_task.runner import DiffusionRunner, GenerationRequest
 from training.judge import ATTRIBUTES, judge, score
 from training.shapes import PHRASINGS, Scene, all_scenes, caption
-from training.train_demo_model import judge_reconstructions
+from training.train_demo_model import judge_reconstructions, machine
 
 FIRST_SEED = 1_000_000  # training draws its noise from torch generators seeded below 2**31 by its own rng
 CARD_START, CARD_END = "<!-- evaluate: start -->", "<!-- evaluate: end -->"
@@ -122,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = {
         "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}",
+        "machine": machine(),
         "images": len(judged),
         "settings": {"steps": steps, "guidance": guidance, "size": size, "prompt_seed": args.seed},
         "scores": {

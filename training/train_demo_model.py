@@ -37,6 +37,7 @@ import math
 import os
 import platform
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -44,7 +45,7 @@ import torch
 import torch.nn.functional as F
 
 from t2i_task.tiny_model import CONTEXT_LENGTH, build_tokenizer
-from training.judge import score, judge
+from training.judge import judge, score
 from training.shapes import all_scenes, caption, render, vocabulary
 
 EMPTY_CAPTION_SHARE = 0.1
@@ -53,6 +54,11 @@ LATENT_SIDE = 8  # latents are 8x8 at every resolution
 
 def log(message: str) -> None:
     print(message, flush=True)
+
+
+def machine() -> str:
+    """What the figures were measured on."""
+    return f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}"
 
 
 def training_scenes():
@@ -131,7 +137,7 @@ def train_autoencoder(vae, scenes, resolution: int, steps: int, batch: int, rng:
         optimizer.step()
         losses.append(loss.item())
         if step % max(1, steps // 20) == 0 or step == steps:
-            log(f"  autoencoder {step}/{steps}: loss {sum(losses[-50:]) / len(losses[-50:]):.5f} "
+            log(f"  autoencoder {step}/{steps}: loss {statistics.fmean(losses[-50:]):.5f} "
                 f"({time.monotonic() - started:.0f}s)")
     return losses
 
@@ -198,7 +204,7 @@ def train_denoiser(unet, text_encoder, tokenizer, latents, scenes, steps: int, b
                     ema_parameter.lerp_(parameter, 1 - decay)
         losses.append(loss.item())
         if step % max(1, steps // 40) == 0 or step == steps:
-            log(f"  denoiser {step}/{steps}: loss {sum(losses[-100:]) / len(losses[-100:]):.4f} "
+            log(f"  denoiser {step}/{steps}: loss {statistics.fmean(losses[-100:]):.4f} "
                 f"({time.monotonic() - started:.0f}s)")
     return ema_unet, ema_text, losses
 
@@ -241,8 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     vae, text_encoder, unet = build_models(tokenizer, args.resolution)
     figures: dict = {
         "arguments": {k: str(v) for k, v in vars(args).items()},
-        "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
-                   f"{torch.get_num_threads()} threads",
+        "machine": f"{machine()}, {torch.get_num_threads()} threads",
         "training_scenes": len(scenes),
         "parameters_millions": {name: round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
                                 for name, model in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))},
@@ -255,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         log(f"[1/4] autoencoder: {figures['parameters_millions']['vae']}M parameters")
         losses = train_autoencoder(vae, scenes, args.resolution, args.vae_steps, args.vae_batch, rng)
-        figures["autoencoder_loss"] = sum(losses[-50:]) / len(losses[-50:])
+        figures["autoencoder_loss"] = statistics.fmean(losses[-50:])
         vae.save_pretrained(args.target / "vae", safe_serialization=True)
     vae.eval().requires_grad_(False)
     figures["autoencoder_seconds"] = round(time.monotonic() - started, 1)
@@ -271,9 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     denoiser_started = time.monotonic()
     ema_unet, ema_text, losses = train_denoiser(unet, text_encoder, tokenizer, latents, pictured, args.unet_steps,
                                                 args.batch, rng)
-    figures["denoiser_loss"] = sum(losses[-100:]) / len(losses[-100:])
-    figures["denoiser_loss_curve"] = [round(sum(losses[i:i + 100]) / len(losses[i:i + 100]), 4)
-                                      for i in range(0, len(losses), 100)]
+    figures["denoiser_loss"] = statistics.fmean(losses[-100:])
+    figures["denoiser_loss_curve"] = [round(statistics.fmean(losses[i:i + 100]), 4) for i in range(0, len(losses), 100)]
     figures["denoiser_seconds"] = round(time.monotonic() - denoiser_started, 1)
 
     log(f"[4/4] saving to {args.target}")
