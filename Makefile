@@ -8,7 +8,7 @@ PORT ?= 3000
 # BentoML's usage tracking would try the network on every command.
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install serve test bento bench bench-runner loadtest demo-model clean
+.PHONY: install serve test test-repeat fuzz bento bench bench-runner loadtest demo-model clean
 
 install: $(INSTALLED)
 
@@ -25,6 +25,17 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# The whole suite N times on a fresh clone of HEAD, with BUSY cores kept busy meanwhile:
+# prints each run's counts, time and failed tests (make test-repeat N=3 BUSY=2).
+N ?= 5
+BUSY ?= 0
+test-repeat:
+	$(PYTHON) tests/repeat_suite.py $(N) --busy-cores $(BUSY)
+
+# The fuzz tests with new random examples each run (make test always sends the same ones).
+fuzz: install
+	T2I_FUZZ_RANDOM=1 T2I_FUZZ_EXAMPLES=200 $(PY) -m pytest tests/test_fuzz.py
 
 # A Bento (code, configuration, model, GPU Dockerfile) in $$BENTOML_HOME/bentos/.
 bento: install

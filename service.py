@@ -47,7 +47,14 @@ from t2i_task.http_guards import (
     is_openai_path,
 )
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
-from t2i_task.processes import GenerationFailed, ProcessQueue, QueueFull, ShuttingDown, describe_failure
+from t2i_task.processes import (
+    GenerationFailed,
+    ModelUnavailable,
+    ProcessQueue,
+    QueueFull,
+    ShuttingDown,
+    describe_failure,
+)
 from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
 from t2i_task.store import DuplicateSessionName, NotFoundError, Store
 from t2i_task.task import TextToImageGenerationTask
@@ -56,7 +63,6 @@ logger = logging.getLogger("t2i.service")
 settings = load_settings()
 TASK_NAME = TextToImageGenerationTask.__name__
 MODEL_NAME = settings.model.name
-MODEL_CALL_ATTEMPTS = 3
 RETRY_AFTER_S = 5
 MODEL_READY_POLL_S = 0.5
 MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
@@ -83,6 +89,11 @@ class GeneratedImages(BaseModel):
     resources={"gpu": 1},
     workers=1,
     traffic={"timeout": settings.serving.request_timeout_s},
+    # The API process's client renews its connection to this service every 100
+    # calls and 5 minutes by default, closing the old one under the calls still
+    # in flight: they fail, and the model still runs them (bentoml/BentoML#5698).
+    # A local socket to one worker needs no renewal.
+    runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
 )
 class DiffusionService:
     def __init__(self) -> None:
@@ -326,21 +337,14 @@ class TextToImageService:
             raise ApiError(503, str(exc), headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
 
     async def call_model(self, request: GenerationRequest) -> GenerationResult:
-        """One request through the batcher.
-
-        BentoML 1.4.40's client replaces its HTTP session every 100 calls (and
-        every 5 minutes) by closing the old one, which cuts the calls still in
-        flight on it (measured: ~10% of calls at concurrency 16; see
-        bentoml/BentoML#5698). A call cut that way is sent again.
-        """
-        for attempt in range(1, MODEL_CALL_ATTEMPTS + 1):
-            try:
-                [generated] = await self.diffusion.to_async.generate([request])
-                return GenerationResult(images=generated.images(), seeds=generated.seeds, error=generated.error)
-            except aiohttp.ClientConnectionError:
-                if attempt == MODEL_CALL_ATTEMPTS:
-                    raise
-                logger.warning("model call cut by a client session refresh; sending it again")
+        """One request through the batcher."""
+        try:
+            [generated] = await self.diffusion.to_async.generate([request])
+        except aiohttp.ClientConnectionError as exc:
+            # The model's worker is stopping (SIGTERM reaches it and this process
+            # at once) or restarting after a crash.
+            raise ModelUnavailable(f"The model service is unavailable ({type(exc).__name__}).") from exc
+        return GenerationResult(images=generated.images(), seeds=generated.seeds, error=generated.error)
 
     def process_json(self, process: GenerativeProcess, as_base64: bool = False) -> dict[str, Any]:
         try:
@@ -499,6 +503,8 @@ class TextToImageService:
                 status = exc.error_code if exc.error_code in (429, 503, 504) else 500
                 raise ApiError(int(status), f"Generation failed: {exc}",
                                headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
+            except ModelUnavailable as exc:
+                raise ApiError(503, f"{exc} Retry later.", headers={"Retry-After": str(RETRY_AFTER_S)}) from exc
             except (GenerationFailed, OSError) as exc:  # the model, or the images folder
                 raise ApiError(500, f"Generation failed: {describe_failure(exc)}") from exc
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -21,10 +22,27 @@ PROJECT_ROOT = DEFAULT_CONFIG_PATH.parent
 BENTOML = Path(sys.executable).with_name("bentoml")
 
 
+# Ports handed out below the kernel's ephemeral range (32768-60999 on Linux): the
+# kernel never gives one of these to another socket by itself (a client's
+# outgoing connection, another `bind(0)`), so a port found free stays free until
+# the server binds it. Each is handed out once per process.
+PORT_RANGE = (20_000, 32_767)
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A loopback port that is free now and that this process has not handed out before."""
+    while True:
+        port = random.randint(*PORT_RANGE)
+        if port in _handed_out:
+            continue
+        _handed_out.add(port)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue  # taken by another program
+        return port
 
 
 def write_config(folder: Path, model_path: Path | None = None, base: Path = DEFAULT_CONFIG_PATH, **overrides) -> Path:
@@ -90,9 +108,26 @@ class Server:
 
 def start_server(config: Path, timeout: float = 90, env: dict[str, str] | None = None,
                  log_name: str = "server.log") -> Server:
-    """`bentoml serve` with `config` on a free loopback port, returned once /readyz answers 200."""
-    port = free_port()
+    """`bentoml serve` with `config` on a free loopback port, returned once /readyz answers 200.
+
+    Another program may still take the port between the check and the server's
+    bind: the server then exits at once saying so, and starts again on another port.
+    """
+    for _ in range(3):
+        try:
+            return _start_server_on(free_port(), config, timeout, env, log_name)
+        except PortTaken:
+            continue
+    raise RuntimeError("three free ports were taken before the server could bind them")
+
+
+class PortTaken(RuntimeError):
+    pass
+
+
+def _start_server_on(port: int, config: Path, timeout: float, env: dict[str, str] | None, log_name: str) -> Server:
     log = config.with_name(log_name)
+    logged_before = log.stat().st_size if log.exists() else 0
     base = {key: value for key, value in os.environ.items() if not key.startswith("T2I_")}
     env = {
         **base,
@@ -114,9 +149,13 @@ def start_server(config: Path, timeout: float = 90, env: dict[str, str] | None =
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(f"server exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            output = log.read_bytes()[logged_before:].decode(errors="replace")
+            if "Address already in use" in output:
+                raise PortTaken(port)
+            raise RuntimeError(f"server exited with {process.returncode}:\n{output[-4000:]}")
         try:
-            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200:
+            # Still running: a 200 from a program that took the port first is not ours.
+            if httpx.get(f"{server.url}/readyz", timeout=2).status_code == 200 and process.poll() is None:
                 return server
         except httpx.HTTPError:
             pass

@@ -42,6 +42,11 @@ class ShuttingDown(Exception):
     """The server is draining: no new work."""
 
 
+class ModelUnavailable(Exception):
+    """The model service cannot be reached (it is stopping, or restarting after a crash):
+    not the process's fault, so a queued process goes back to the queue."""
+
+
 class GenerationFailed(Exception):
     """The model could not generate a request (out of memory even when run alone, say)."""
 
@@ -144,9 +149,9 @@ class ProcessQueue:
         """Run one stored process to its end: FINISHED with its images, or ERROR with the reason.
 
         Returns the output rows (file names) on success, raises on failure. If
-        the server is stopping (the task cancelled, or the model gone while
-        draining) and `requeue_if_stopped`, a started process goes back to
-        DELIVERED for the next start instead: stopping is not its failure.
+        the server is stopping (the task cancelled, draining, or the model
+        service gone) and `requeue_if_stopped`, a started process goes back to
+        DELIVERED for the next start or sweep instead: stopping is not its failure.
         """
         saved: list[tuple[str, str]] = []
         started = False
@@ -189,7 +194,7 @@ class ProcessQueue:
         except BaseException as exc:
             self.store.remove_images(name for name, _ in saved)
             try:
-                stopping = isinstance(exc, asyncio.CancelledError) or self.draining
+                stopping = isinstance(exc, (asyncio.CancelledError, ModelUnavailable)) or self.draining
                 if stopping and requeue_if_stopped:
                     if started:
                         await self.db(self.store.deliver_process, process.id)
@@ -234,6 +239,8 @@ class ProcessQueue:
         if self._sweeper:
             self._sweeper.cancel()
         jobs = list(self.pending.values())
+        log.warning("draining: %d processes in hand may run for %.0fs; new work is refused", len(jobs),
+                    self.serving.drain_timeout_s)
         if jobs:
             _, unfinished = await asyncio.wait(jobs, timeout=self.serving.drain_timeout_s)
             for job in unfinished:

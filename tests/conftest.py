@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 from t2i_task.local_server import start_server, write_config
 from t2i_task.store import Store
 from t2i_task.tiny_model import write_tiny_model
+from tests.gate import Gate
 
 POSTGRES_URL = os.environ.get("T2I_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 
@@ -66,8 +67,19 @@ def store(database_url, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_path, tmp_path_factory):
+def server_folder(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("server")
+
+
+@pytest.fixture(scope="module")
+def gate(server_folder) -> Gate:
+    """Holds the `server` fixture's generations while a test arranges its requests (tests/gate.py)."""
+    return Gate(server_folder)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, server_folder, gate):
     """The real server (`bentoml serve`) on a free loopback port, with its own database and images folder."""
-    server = start_server(write_config(tmp_path_factory.mktemp("server"), tiny_model_path))
+    server = start_server(write_config(server_folder, tiny_model_path), env=gate.env())
     yield server
     server.stop()

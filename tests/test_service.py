@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import io
 import re
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -15,6 +14,7 @@ import pytest
 from PIL import Image
 
 from t2i_task.local_server import start_server, write_config
+from tests.gate import Gate, wait_for, wait_until_queued_at_model
 
 TASK = "TextToImageGenerationTask"
 BATCH_TOLERANCE = 2  # as in test_runner: rounding differences between batch sizes, of 255
@@ -40,14 +40,12 @@ def create_session(http, name, **parameters) -> dict:
     return response.json()
 
 
-def wait_until_ended(http, process_id: int, timeout: float = 30) -> dict:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+def wait_until_ended(http, process_id: int) -> dict:
+    def ended():
         process = http.get(f"/api/v1/generative-process/{process_id}").json()
-        if process["status"] in (3, 4):
-            return process
-        time.sleep(0.05)
-    raise AssertionError(f"process {process_id} still {process['status']} after {timeout}s")
+        return process if process["status"] in (3, 4) else None
+
+    return wait_for(ended, what=f"process {process_id} ended")
 
 
 def decode(b64: str) -> np.ndarray:
@@ -256,20 +254,32 @@ def test_image_route_does_not_follow_symlinks(server, http):
     assert http.get("/api/v1/generative-process/image/escape.png").status_code == 404
 
 
-def test_concurrent_requests_share_batches(http, client):
+def send_behind_a_running_batch(server, gate, pool, calls) -> list:
+    """Run `calls[0]` and hold it in the pipeline until all the others wait at the model
+    behind it: they are then batched together, whatever this machine's speed."""
+    with gate.closed():
+        first = pool.submit(calls[0])
+        gate.wait_until_held()
+        rest = [pool.submit(call) for call in calls[1:]]
+        wait_until_queued_at_model(server.url, len(calls))
+    return [first.result(), *(future.result() for future in rest)]
+
+
+def test_concurrent_requests_share_batches(server, gate, http, client):
+    def generate(i):
+        return lambda: client.images.generate(prompt=f"prompt {i}", size="64x64", response_format="b64_json",
+                                              extra_body={"seed": i, "num_inference_steps": 4})
+
     before = batch_size_totals(http)
     with ThreadPoolExecutor(16) as pool:
-        results = list(pool.map(
-            lambda i: client.images.generate(prompt=f"prompt {i}", size="64x64", response_format="b64_json",
-                                             extra_body={"seed": i, "num_inference_steps": 4}),
-            range(16),
-        ))
+        results = send_behind_a_running_batch(server, gate, pool, [generate(i) for i in range(16)])
     after = batch_size_totals(http)
 
     assert all(len(r.data) == 1 for r in results)
     batches, requests = after[1] - before[1], after[0] - before[0]
     assert requests == 16
-    assert requests / batches > 1, f"16 requests ran in {batches:.0f} batches: no batching"
+    # The first alone, then the fifteen that waited, in batches of up to 8.
+    assert batches == 3, f"16 requests ran in {batches:.0f} batches"
 
 
 def test_sustained_concurrent_load_gets_no_server_errors(server):
@@ -285,18 +295,18 @@ def test_sustained_concurrent_load_gets_no_server_errors(server):
     assert statuses.count(200) == 160, {s: statuses.count(s) for s in set(statuses)}
 
 
-def test_a_seed_gives_the_same_image_alone_and_under_concurrent_load(client):
+def test_a_seed_gives_the_same_image_alone_and_inside_a_batch(server, gate, client):
     def generate(prompt, seed):
-        return decode(client.images.generate(
+        return lambda: decode(client.images.generate(
             prompt=prompt, size="64x64", response_format="b64_json",
             extra_body={"seed": seed, "num_inference_steps": 3},
         ).data[0].b64_json)
 
-    alone = generate("a white circle", 777)
+    alone = generate("a white circle", 777)()
     with ThreadPoolExecutor(16) as pool:
-        loaded = list(pool.map(
-            lambda i: generate("a white circle", 777) if i == 7 else generate(f"noise {i}", 1000 + i), range(16)
-        ))
+        loaded = send_behind_a_running_batch(server, gate, pool, [
+            generate("a white circle", 777) if i == 7 else generate(f"noise {i}", 1000 + i) for i in range(16)
+        ])
     assert np.abs(alone - loaded[7]).max() <= BATCH_TOLERANCE
     assert np.abs(alone - loaded[8]).max() > 10
 
@@ -308,36 +318,33 @@ def test_unknown_routes_and_methods_get_json_errors(http):
     assert response.status_code == 405 and "error" in response.json()
 
 
-@pytest.fixture(scope="module")
-def small_server(tiny_model_path, tmp_path_factory):
-    config = write_config(
-        tmp_path_factory.mktemp("small-server"), tiny_model_path,
-        serving={"max_concurrency": 2, "max_queued_generations": 2},
-    )
-    server = start_server(config)
-    yield server
-    server.stop()
+def test_overload_is_refused_with_json_429_and_accepted_work_ends(tiny_model_path, tmp_path):
+    gate = Gate(tmp_path)
+    config = write_config(tmp_path, tiny_model_path, serving={"max_concurrency": 2, "max_queued_generations": 2})
+    server = start_server(config, env=gate.env())
+    try:
+        with httpx.Client(base_url=server.url, timeout=120) as http, ThreadPoolExecutor(8) as pool:
+            with gate.closed():
+                answers = [pool.submit(http.post, "/v1/images/generations", json={"prompt": f"p{i}", "seed": i})
+                           for i in range(8)]
+                # Two are admitted and held in the pipeline; the other six are refused at once.
+                wait_for(lambda: sum(answer.done() for answer in answers) == 6, what="six refusals")
+            statuses = sorted(answer.result().status_code for answer in answers)
+            assert statuses == [200] * 2 + [429] * 6, statuses
+            assert all(answer.result().json() for answer in answers)  # refusals included, every answer is JSON
 
-
-def test_overload_is_refused_with_json_429_and_accepted_work_ends(small_server):
-    slow = {"size": "256x256", "response_format": "b64_json", "num_inference_steps": 30}
-    with httpx.Client(base_url=small_server.url, timeout=120) as http, ThreadPoolExecutor(8) as pool:
-        answers = list(pool.map(
-            lambda i: http.post("/v1/images/generations", json={"prompt": f"p{i}", "seed": i, **slow}), range(8)
-        ))
-        statuses = sorted(r.status_code for r in answers)
-        assert set(statuses) == {200, 429}, statuses
-        assert all(r.json() for r in answers)  # every answer, refusals included, is JSON
-
-        session = create_session(http, "overload", num_inference_steps=30, width=256, height=256)
-        created = [
-            http.post("/api/v1/generative-process/", json={"session_id": session["id"], "input": [f"q{i}"]})
-            for i in range(5)
-        ]
-        accepted = [r.json()["id"] for r in created if r.status_code == 201]
-        refused = [r for r in created if r.status_code == 429]
-        assert len(accepted) == 2 and len(refused) == 3
-        assert all(r.headers["retry-after"] and "busy" in r.json()["detail"] for r in refused)
-        assert [wait_until_ended(http, i, timeout=120)["status"] for i in accepted] == [3, 3]
-        stored = http.get(f"/api/v1/generative-process/session/{session['id']}").json()
-        assert sorted(p["id"] for p in stored) == sorted(accepted), "refused processes must not be stored"
+            session = create_session(http, "overload")
+            with gate.closed():
+                created = [
+                    http.post("/api/v1/generative-process/", json={"session_id": session["id"], "input": [f"q{i}"]})
+                    for i in range(5)
+                ]
+            accepted = [r.json()["id"] for r in created if r.status_code == 201]
+            refused = [r for r in created if r.status_code == 429]
+            assert len(accepted) == 2 and len(refused) == 3
+            assert all(r.headers["retry-after"] and "busy" in r.json()["detail"] for r in refused)
+            assert [wait_until_ended(http, i)["status"] for i in accepted] == [3, 3]
+            stored = http.get(f"/api/v1/generative-process/session/{session['id']}").json()
+            assert sorted(p["id"] for p in stored) == sorted(accepted), "refused processes must not be stored"
+    finally:
+        server.stop()
