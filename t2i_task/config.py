@@ -10,13 +10,14 @@ server behaves the same whatever directory it is started from.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
@@ -69,6 +70,11 @@ class ServingConfig(_Section):
         description="Names this server's queue in the database, so a restart re-queues its own interrupted work "
         "(T2I_INSTANCE_NAME; give each replica its own).",
     )
+    cors_origins: list[str] = Field(
+        default_factory=list,
+        description="Origins whose browser pages may call this server, e.g. a DashAI front end on "
+        "http://localhost:3000 (T2I_CORS_ORIGINS, comma separated; '*' for any). Default: none.",
+    )
     max_attempts: int = Field(default=3, ge=1, description="Starts of one process before an interrupted one is given up.")
     drain_timeout_s: float = Field(default=30, ge=0, description="On SIGTERM, how long running generations may finish.")
 
@@ -102,17 +108,55 @@ CleanText = Annotated[str, AfterValidator(_no_nul)]
 class GenerationParameters(_Section):
     """The parameters of a generation: a session's `parameters` and the defaults.
 
-    Field bounds are the model-independent ones DashAI documents; the configured
-    limits are checked by `Settings.validate_parameters`.
+    Field bounds are the model-independent ones DashAI documents; the served
+    model's own bounds and defaults are those of `parameters_model(...)`.
     """
 
-    num_inference_steps: int = Field(default=25, ge=1)
-    guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False)
-    negative_prompt: CleanText | None = None
-    width: int = Field(default=512, ge=8, multiple_of=8)
-    height: int = Field(default=512, ge=8, multiple_of=8)
+    num_inference_steps: int = Field(default=25, ge=1, description="Denoising steps: more is slower and finer.")
+    guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False,
+                                  description="How closely the image follows the prompt (0: ignore it).")
+    negative_prompt: CleanText | None = Field(default=None, description="What the image should not show.")
+    width: int = Field(default=512, ge=8, multiple_of=8, description="Image width in pixels, a multiple of 8.")
+    height: int = Field(default=512, ge=8, multiple_of=8, description="Image height in pixels, a multiple of 8.")
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1, description="-1 draws a random seed, returned with the image.")
-    num_images_per_prompt: int = Field(default=1, ge=1)
+    num_images_per_prompt: int = Field(default=1, ge=1, description="Images made for the prompt.")
+
+
+@functools.lru_cache
+def parameters_model(limits: LimitsConfig, defaults: GenerationParameters) -> type[GenerationParameters]:
+    """GenerationParameters with the configured limits as field bounds and the configured
+    defaults as defaults: the one model that validates a served model's parameters, and
+    whose JSON schema clients build their forms from."""
+    base = GenerationParameters.model_fields
+
+    def bounded(name: str, **bounds):
+        info = base[name]
+        return info.annotation, Field(default=getattr(defaults, name), description=info.description, **bounds)
+
+    return create_model(
+        "ServedGenerationParameters",
+        __base__=GenerationParameters,
+        num_inference_steps=bounded("num_inference_steps", ge=1, le=limits.max_steps),
+        guidance_scale=bounded("guidance_scale", ge=0, le=limits.max_guidance_scale, allow_inf_nan=False),
+        negative_prompt=bounded("negative_prompt", max_length=limits.max_prompt_length),
+        width=bounded("width", ge=limits.min_size, le=limits.max_width, multiple_of=8),
+        height=bounded("height", ge=limits.min_size, le=limits.max_height, multiple_of=8),
+        seed=bounded("seed", ge=-1, le=2**63 - 1),
+        num_images_per_prompt=bounded("num_images_per_prompt", ge=1, le=limits.max_images_per_request),
+    )
+
+
+def _out_of_bounds(model: type[BaseModel], exc: ValidationError) -> ValueError:
+    """The first error as a sentence naming the field, with its bounds where it has them."""
+    error = exc.errors()[0]
+    field = ".".join(str(part) for part in error["loc"]) or "parameters"
+    if error["type"] in ("greater_than_equal", "less_than_equal") and field in model.model_fields:
+        schema = model.model_json_schema()["properties"][field]
+        return ValueError(f"{field} must be between {schema['minimum']:g} and {schema['maximum']:g}, "
+                          f"got {error['input']}")
+    if error["type"] in ("string_too_long", "too_long"):
+        return ValueError(f"{field} is longer than {error['ctx']['max_length']} characters")
+    return ValueError(f"{field}: {error['msg']}")
 
 
 class Settings(_Section):
@@ -126,34 +170,26 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        self.check_limits(self.defaults)
+        self.validate_parameters({})  # the defaults within the limits
         if self.batching.max_latency_ms / 1000 >= self.serving.request_timeout_s:
             # Otherwise a request the batcher still accepts times out while queued.
             raise ValueError("batching.max_latency_ms must be below serving.request_timeout_s")
         return self
 
-    def check_limits(self, params: GenerationParameters) -> GenerationParameters:
-        """Raise ValueError naming the first parameter outside the configured limits."""
-        limits = self.limits
-        bounds = {
-            "width": (limits.min_size, limits.max_width),
-            "height": (limits.min_size, limits.max_height),
-            "num_inference_steps": (1, limits.max_steps),
-            "guidance_scale": (0, limits.max_guidance_scale),
-            "num_images_per_prompt": (1, limits.max_images_per_request),
-        }
-        for field, (low, high) in bounds.items():
-            value = getattr(params, field)
-            if not low <= value <= high:
-                raise ValueError(f"{field} must be between {low} and {high}, got {value}")
-        if params.negative_prompt is not None and len(params.negative_prompt) > limits.max_prompt_length:
-            raise ValueError(f"negative_prompt is longer than {limits.max_prompt_length} characters")
-        return params
+    @property
+    def parameters_model(self) -> type[GenerationParameters]:
+        return parameters_model(self.limits, self.defaults)
 
     def validate_parameters(self, parameters: dict | None) -> GenerationParameters:
-        """Session parameters over the configured defaults, checked against the limits."""
-        merged = self.defaults.model_dump() | dict(parameters or {})
-        return self.check_limits(GenerationParameters.model_validate(merged))
+        """Parameters over the configured defaults, within the configured limits.
+
+        Raises ValueError naming the first bad parameter (`width must be between 32 and 512, got 600`).
+        """
+        model = self.parameters_model
+        try:
+            return model.model_validate(self.defaults.model_dump() | dict(parameters or {}))
+        except ValidationError as exc:
+            raise _out_of_bounds(model, exc) from None
 
 
 def _resolve(path: str | Path, base: Path) -> Path:
@@ -169,12 +205,17 @@ def _resolve_sqlite_url(url: str, base: Path) -> str:
     return url
 
 
+def _comma_list(value: str) -> list[str]:
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 # (section, key, variable, parser): deployments set these without copying the file.
 ENV_OVERRIDES = (
     ("storage", "database_url", "T2I_DATABASE_URL", str),
     ("storage", "images_dir", "T2I_IMAGES_DIR", str),
-    ("serving", "api_keys", "T2I_API_KEYS", lambda value: [key.strip() for key in value.split(",") if key.strip()]),
+    ("serving", "api_keys", "T2I_API_KEYS", _comma_list),
     ("serving", "instance_name", "T2I_INSTANCE_NAME", str),
+    ("serving", "cors_origins", "T2I_CORS_ORIGINS", _comma_list),
 )
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from datetime import datetime
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -187,6 +188,41 @@ class Store:
             record.last_modified = utcnow()
             db.add(GenerativeSessionParameterHistory(session_id=session_id, parameters=parameters))
         return record
+
+    def update_session(self, session_id: int, *, name: str | None = None, description: str | None = None,
+                       model_name: str | None = None) -> GenerativeSession:
+        """Rename a session, describe it or switch its model; None leaves a field as it is."""
+        try:
+            with self._transaction() as db:
+                record = self._load_session(db, session_id)
+                for field, value in (("name", name), ("description", description), ("model_name", model_name)):
+                    if value is not None:
+                        setattr(record, field, value)
+                record.last_modified = utcnow()
+        except IntegrityError as exc:
+            if name is not None and self._session_name_taken(name):
+                raise DuplicateSessionName(name) from exc
+            raise
+        return record
+
+    def delete_sessions(self, session_ids: Iterable[int]) -> None:
+        """Delete sessions with their processes, rows and image files; all of them or, if one is missing, none."""
+        with self._transaction() as db:
+            images = []
+            for session_id in session_ids:
+                record = self._load_session(db, session_id)
+                processes = db.scalars(select(GenerativeProcess).where(GenerativeProcess.session_id == session_id))
+                images += [row.data for process in processes for row in process.output if row.data_type == IMAGE_TYPE]
+                db.delete(record)
+        self.remove_images(images)
+
+    def list_recent_processes(self, limit: int, changed_since: datetime | None = None) -> list[GenerativeProcess]:
+        """The newest processes of every session (changed after `changed_since`, when given), newest first."""
+        with self._sessionmaker() as db:
+            query = select(GenerativeProcess).order_by(GenerativeProcess.id.desc()).limit(limit)
+            if changed_since is not None:
+                query = query.where(GenerativeProcess.last_modified > changed_since)
+            return list(db.scalars(query))
 
     def get_parameter_history(self, session_id: int) -> list[GenerativeSessionParameterHistory]:
         with self._sessionmaker() as db:

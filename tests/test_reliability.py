@@ -385,7 +385,7 @@ def test_two_replicas_share_one_postgresql_and_one_images_folder(tiny_model_path
         wait_for(lambda: statuses(b, [process_id]) == [3])
         image = b.get(f"/api/v1/generative-process/{process_id}").json()["output"][0]["data"]
         assert a.get(f"/api/v1/generative-process/image/{image}").headers["content-type"] == "image/png"
-        assert b.delete(f"/api/v1/generative-process/{process_id}").status_code == 200
+        assert b.delete(f"/api/v1/generative-process/{process_id}").status_code == 204
         assert a.get(f"/api/v1/generative-process/{process_id}").status_code == 404
         assert not (folder / "images" / image).exists()
 

@@ -1,0 +1,1 @@
+"""The HTTP APIs, one module per API a client speaks; `service.py` mounts them."""

@@ -1,0 +1,35 @@
+"""What every route works with: the settings, the store, the task's adapters and the
+process queue. `service.py` builds one per API worker and puts it on the app's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from t2i_task.config import Settings
+from t2i_task.processes import ProcessQueue
+from t2i_task.store import Store
+from t2i_task.task import TextToImageGenerationTask
+
+
+@dataclass
+class Backend:
+    settings: Settings
+    store: Store
+    task: TextToImageGenerationTask
+    queue: ProcessQueue
+    # The session that records each model's OpenAI calls, by model name, once looked up.
+    openai_sessions: dict[str, int] = field(default_factory=dict)
+
+    async def db(self, call, *args, **kwargs):
+        """Run a blocking store call off the event loop."""
+        return await self.queue.db(call, *args, **kwargs)
+
+
+def _backend(request: Request) -> Backend:
+    return request.app.state.backend
+
+
+BackendDep = Annotated[Backend, Depends(_backend)]

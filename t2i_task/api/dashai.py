@@ -1,0 +1,315 @@
+"""DashAI's generative API: sessions hold parameters, processes hold one prompt each.
+
+A process is stored DELIVERED and answered at once; the queue generates it in
+the background (STARTED, then FINISHED with its image names or ERROR with the
+reason). The images are served by name from the images folder.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import Path as PathParam
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from t2i_task.api.backend import Backend, BackendDep
+from t2i_task.api.errors import ApiError, admission, parameters_error, validation_error
+from t2i_task.config import CleanText, GenerationParameters
+from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
+from t2i_task.store import DuplicateSessionName
+from t2i_task.task import TextToImageGenerationTask
+
+TASK_NAME = TextToImageGenerationTask.__name__
+MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
+RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
+
+router = APIRouter()
+
+
+class SessionCreate(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # DashAI ignores keys it does not know
+
+    task_name: str
+    name: CleanText = Field(min_length=1, max_length=255)
+    model_name: str | None = Field(default=None, description="Omitted: the served model.")
+    parameters: dict[str, Any] = Field(default_factory=dict)
+    description: CleanText | None = Field(default=None, max_length=10_000)
+
+
+class SessionsDelete(BaseModel):
+    ids: list[Annotated[int, Field(ge=1, le=MAX_ID)]] = Field(min_length=1)
+
+
+class ProcessCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    session_id: int = Field(ge=1, le=MAX_ID)
+    input: list[str] = Field(min_length=1)
+
+
+# The route reads JSON or a form itself; this tells OpenAPI (and fuzzers) both forms.
+PROCESS_BODY_SCHEMA = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": ProcessCreate.model_json_schema()},
+            "application/x-www-form-urlencoded": {
+                "schema": {
+                    "type": "object",
+                    "properties": {"session_id": {"type": "integer"}, "text_0": {"type": "string"}},
+                    "required": ["session_id", "text_0"],
+                }
+            },
+        },
+    }
+}
+
+
+def session_json(session: GenerativeSession) -> dict[str, Any]:
+    return {
+        "id": session.id,
+        "name": session.name,
+        "task_name": session.task_name,
+        "model_name": session.model_name,
+        "parameters": session.parameters,
+        "description": session.description,
+        "created": session.created.isoformat(),
+        "last_modified": session.last_modified.isoformat(),
+    }
+
+
+def rows_json(rows: list[ProcessData]) -> list[dict[str, Any]]:
+    return [{"id": row.id, "data": row.data, "data_type": row.data_type} for row in rows]
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment else None
+
+
+def process_json(backend: Backend, process: GenerativeProcess, as_base64: bool = False) -> dict[str, Any]:
+    try:
+        output = backend.task.process_output_from_database(
+            process.output, images_path=backend.store.images_dir, as_base64=as_base64
+        )
+    except FileNotFoundError as exc:
+        raise ApiError(404, f"An image of process {process.id} is missing: {Path(exc.filename).name}") from exc
+    return {
+        "id": process.id,
+        "session_id": process.session_id,
+        "status": int(process.status),
+        "created": _iso(process.created),
+        "last_modified": _iso(process.last_modified),
+        "delivery_time": _iso(process.delivery_time),
+        "start_time": _iso(process.start_time),
+        "end_time": _iso(process.end_time),
+        "input": rows_json(backend.task.process_input_from_database(process.input)),
+        "output": rows_json(output),
+    }
+
+
+# Sessions
+
+# Form values DashAI's front end keeps in a session's parameters beside the generation
+# values: stored and shown back, never passed to the model.
+SESSION_ATTRIBUTES = ("name", "description", "device")
+
+
+def session_parameters(backend: Backend, values: dict[str, Any]) -> dict[str, Any]:
+    """What a session stores: its known generation parameters, validated against the served
+    model's limits (422 naming the field), plus DashAI's own form values; other keys are
+    ignored, as DashAI ignores them."""
+    model = backend.settings.parameters_model
+    try:
+        params = backend.settings.validate_parameters({k: v for k, v in values.items() if k in model.model_fields})
+    except ValueError as exc:
+        raise parameters_error(exc) from exc
+    kept = {key: values[key] for key in SESSION_ATTRIBUTES if isinstance(values.get(key), str)}
+    return params.model_dump() | kept
+
+
+def generation_parameters(session: GenerativeSession) -> GenerationParameters:
+    """The generation values of a stored session (its other keys are not the model's business)."""
+    known = {k: v for k, v in (session.parameters or {}).items() if k in GenerationParameters.model_fields}
+    try:
+        return GenerationParameters.model_validate(known)
+    except ValidationError as exc:
+        raise ApiError(409, f"Session {session.id} has unusable parameters: {exc}") from exc
+
+
+def check_model(backend: Backend, model_name: str) -> str:
+    served = backend.settings.model.name
+    if model_name != served:
+        raise ApiError(400, f"Model {model_name} is not registered. Served: {served}.", param="model_name")
+    return model_name
+
+
+@router.post("/api/v1/generative-session/", status_code=201)
+@router.post("/api/v1/generative-session", status_code=201, include_in_schema=False)
+async def create_session(body: SessionCreate, backend: BackendDep) -> dict[str, Any]:
+    if body.task_name != TASK_NAME:
+        raise ApiError(400, f"Task {body.task_name} is not registered.", param="task_name")
+    model_name = check_model(backend, body.model_name or backend.settings.model.name)
+    try:
+        session = await backend.db(
+            backend.store.create_session,
+            task_name=TASK_NAME,
+            model_name=model_name,
+            name=body.name,
+            parameters=session_parameters(backend, body.parameters),
+            description=body.description,
+        )
+    except DuplicateSessionName as exc:
+        raise ApiError(409, str(exc), param="name") from exc
+    return session_json(session)
+
+
+@router.get("/api/v1/generative-session/")
+@router.get("/api/v1/generative-session", include_in_schema=False)
+async def list_sessions(backend: BackendDep) -> list[dict[str, Any]]:
+    return [session_json(s) for s in await backend.db(backend.store.list_sessions)]
+
+
+@router.delete("/api/v1/generative-session/", status_code=204)
+@router.delete("/api/v1/generative-session", status_code=204, include_in_schema=False)
+async def delete_sessions(body: SessionsDelete, backend: BackendDep) -> Response:
+    """DashAI's bulk delete: the sessions, their processes and their image files."""
+    await backend.db(backend.store.delete_sessions, body.ids)
+    return Response(status_code=204)
+
+
+@router.get("/api/v1/generative-session/{session_id}")
+async def get_session(session_id: RowId, backend: BackendDep) -> dict[str, Any]:
+    return session_json(await backend.db(backend.store.get_session, session_id))
+
+
+@router.patch("/api/v1/generative-session/{session_id}")
+async def update_session(
+    session_id: RowId,
+    backend: BackendDep,
+    name: Annotated[CleanText | None, Query(min_length=1, max_length=255)] = None,
+    description: Annotated[CleanText | None, Query(max_length=10_000)] = None,
+    model_name: str | None = None,
+) -> dict[str, Any]:
+    """Rename, describe or switch model, as DashAI's front end sends it: query parameters, no body."""
+    if model_name is not None:
+        check_model(backend, model_name)
+    try:
+        session = await backend.db(backend.store.update_session, session_id, name=name, description=description,
+                                   model_name=model_name)
+    except DuplicateSessionName as exc:
+        raise ApiError(409, str(exc), param="name") from exc
+    return session_json(session)
+
+
+@router.delete("/api/v1/generative-session/{session_id}", status_code=204)
+async def delete_session(session_id: RowId, backend: BackendDep) -> Response:
+    await backend.db(backend.store.delete_sessions, [session_id])
+    return Response(status_code=204)
+
+
+@router.put("/api/v1/generative-session/{session_id}/parameters")
+async def update_parameters(
+    session_id: RowId,
+    backend: BackendDep,
+    body: Annotated[dict[str, Any], Body(description="The changed values, bare (DashAI's front end) or as "
+                                                    "`{\"parameters\": {...}}`.")],
+) -> dict[str, Any]:
+    """Merge the changed values into the session's parameters (`{**old, **new}`, as DashAI does)."""
+    changes = body["parameters"] if set(body) == {"parameters"} and isinstance(body["parameters"], dict) else body
+    session = await backend.db(backend.store.get_session, session_id)
+    parameters = session_parameters(backend, {**(session.parameters or {}), **changes})
+    return session_json(await backend.db(backend.store.update_session_parameters, session_id, parameters))
+
+
+@router.get("/api/v1/generative-session/parameters-history/{session_id}")
+async def parameters_history(session_id: RowId, backend: BackendDep) -> list[dict[str, Any]]:
+    """Each recorded change as DashAI's front end shows it: which parameter went from what to what."""
+    history = await backend.db(backend.store.get_parameter_history, session_id)
+    entries, before = [], {}
+    for record in history:
+        after = record.parameters or {}
+        changes = [{"parameter": key, "oldValue": before.get(key), "newValue": after.get(key)}
+                   for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
+        if before and changes:  # the first row is the session's creation, not a change
+            entries.append({"id": record.id, "timestamp": record.modified_at.isoformat(), "changes": changes})
+        before = after
+    return entries
+
+
+# Processes
+
+
+@router.post("/api/v1/generative-process/", status_code=201, openapi_extra=PROCESS_BODY_SCHEMA)
+@router.post("/api/v1/generative-process", status_code=201, include_in_schema=False)
+async def create_process(request: Request, backend: BackendDep) -> dict[str, Any]:
+    """JSON `{session_id, input: [prompt]}` or DashAI's form (`session_id`, `text_0`)."""
+    body = await _process_body(request)
+    with admission():
+        backend.queue.admit()  # refuse before any validation work
+    try:
+        inputs = backend.task.prepare_input_for_database(body.input)
+    except ValueError as exc:
+        raise ApiError(422, f"input: {exc}", param="input") from exc
+    session = await backend.db(backend.store.get_session, body.session_id)
+    params = generation_parameters(session)
+    with admission():
+        process = await backend.queue.submit(session.id, inputs, params)
+    return process_json(backend, process)
+
+
+async def _process_body(request: Request) -> ProcessCreate:
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            form = await request.form()
+            texts = [form[key] for key in sorted(k for k in form if k.startswith("text_"))]
+            data: Any = {"session_id": form.get("session_id"), "input": texts}
+        else:
+            data = await request.json()
+    except StarletteHTTPException:
+        raise  # e.g. 413 from the body size limit
+    except Exception as exc:
+        raise ApiError(400, f"Request body is not valid JSON or form data: {exc}") from exc
+    try:
+        return ProcessCreate.model_validate(data)
+    except ValidationError as exc:
+        raise validation_error(exc) from exc
+
+
+@router.get("/api/v1/generative-process/file/{filename}")
+@router.get("/api/v1/generative-process/image/{filename}")
+async def get_image(filename: str, backend: BackendDep) -> FileResponse:
+    """A generated PNG by its bare name (`/file/` in DashAI's current front end, `/image/` in older ones)."""
+    path = backend.store.images_dir / filename
+    # A bare name only, and no symlink out of the images folder.
+    if not IMAGE_NAME.match(filename) or path.is_symlink() or not path.is_file():
+        raise ApiError(404, f"Image {filename!r} does not exist.", param="filename")
+    return FileResponse(path, media_type="image/png")
+
+
+@router.get("/api/v1/generative-process/session/{session_id}")
+async def list_processes(session_id: RowId, backend: BackendDep, base64: bool = False) -> list[dict[str, Any]]:
+    return [process_json(backend, p, base64) for p in await backend.db(backend.store.list_processes, session_id)]
+
+
+@router.get("/api/v1/generative-process/{process_id}")
+async def get_process(process_id: RowId, backend: BackendDep, base64: bool = False) -> dict[str, Any]:
+    return process_json(backend, await backend.db(backend.store.get_process, process_id), base64)
+
+
+@router.delete("/api/v1/generative-process/{process_id}", status_code=204)
+async def delete_process(process_id: RowId, backend: BackendDep) -> Response:
+    await backend.db(backend.store.delete_process, process_id)
+    return Response(status_code=204)
+
+
+@router.get("/api/v1/task/metadata")
+async def task_metadata() -> dict[str, Any]:
+    return TextToImageGenerationTask.get_metadata()

@@ -1,0 +1,158 @@
+"""DashAI's component registry, as far as this server serves it: the text-to-image task
+and the served model, whose form (JSON schema) DashAI's front end builds its
+generation settings from.
+
+The sections of DashAI this server does not serve (datasets, predictive models,
+folders, credentials) answer an empty list, so DashAI's front end loads without errors.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Query
+
+from t2i_task.api.backend import Backend, BackendDep
+from t2i_task.api.errors import ApiError
+from t2i_task.task import TextToImageGenerationTask
+
+router = APIRouter()
+
+TASK_NAME = TextToImageGenerationTask.__name__
+# DashAI's component types: the ones this server has are listed, the others are empty.
+COMPONENT_TYPES = (
+    "Task", "Model", "Metric", "Dataloader", "Converter", "Explorer", "Explainer", "GlobalExplainer",
+    "LocalExplainer", "Optimizer", "Job", "GenerativeTask", "GenerativeModel",
+)
+# Sections of DashAI's app that this server does not serve.
+EMPTY_SECTIONS = ("model-session", "dataset", "folder", "credential", "experiment", "run", "explainer",
+                  "explorer", "pipeline", "notebook", "plugin")
+
+
+@functools.cache
+def devices() -> list[str]:
+    """DashAI's device choices: "CPU", then "GPU i: <name>" for each visible GPU."""
+    import torch
+
+    return ["CPU", *(f"GPU {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))]
+
+
+def _form_property(schema: dict[str, Any], default: Any) -> dict[str, Any]:
+    """One form field: DashAI's front end reads `type` and shows `placeholder` (the default)."""
+    field = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
+    for option in schema.get("anyOf", []):  # optional: the non-null alternative
+        if option.get("type") != "null":
+            field.update(option)
+    return field | {"default": default, "placeholder": default}
+
+
+def model_schema(backend: Backend) -> dict[str, Any]:
+    """The served model's form, built from the pydantic model that validates its parameters."""
+    model = backend.settings.parameters_model
+    schema = model.model_json_schema()
+    defaults = backend.settings.defaults.model_dump()
+    properties = {name: _form_property(field, defaults[name]) for name, field in schema["properties"].items()}
+    choices = devices()
+    properties["device"] = {
+        "type": "string", "title": "Device", "enum": choices, "default": choices[-1], "placeholder": choices[-1],
+        "description": "Where DashAI would run the model; this server runs it on its own device, so this is "
+                       "kept with the session and not used.",
+    }
+    return {"type": "object", "title": backend.settings.model.name, "properties": properties,
+            "description": schema.get("description")}
+
+
+def task_component() -> dict[str, Any]:
+    metadata = TextToImageGenerationTask.get_metadata()
+    return {
+        "name": TASK_NAME,
+        "type": "GenerativeTask",
+        "class": TASK_NAME,
+        "parent": None,
+        "description": "Generate images from a text prompt with a diffusion model.",
+        "display_name": "Text to Image Generation",
+        "configurable_object": False,
+        "schema": {},
+        "downloaded": True,
+        "metadata": metadata | {
+            "inputs": {"str": {"min": 1, "max": 1}},
+            "outputs": {"Image": {"min": 1, "max": "n"}},
+            "entry_point": "generic",
+        },
+    }
+
+
+def model_component(backend: Backend) -> dict[str, Any]:
+    name = backend.settings.model.name
+    return {
+        "name": name,
+        "type": "GenerativeModel",
+        "class": name,
+        "parent": "TextToImageGenerationTaskModel",
+        "description": f"{name}, served by this inference server: loaded once, batched across users.",
+        "display_name": name,
+        "configurable_object": True,
+        "schema": model_schema(backend),
+        "downloaded": True,
+        "metadata": {
+            "task": [TASK_NAME],
+            "compatible_components": [TASK_NAME],
+            "requires_download": False,
+            "download_size_bytes": 0,
+        },
+    }
+
+
+def components(backend: Backend) -> list[dict[str, Any]]:
+    return [task_component(), model_component(backend)]
+
+
+@router.get("/api/v1/component/")
+@router.get("/api/v1/component", include_in_schema=False)
+async def list_components(
+    backend: BackendDep,
+    select_types: Annotated[list[str] | None, Query()] = None,
+    ignore_types: Annotated[list[str] | None, Query()] = None,
+    related_component: str | None = None,
+    component_parent: str | None = None,
+    has_related_of_type: str | None = None,
+) -> list[dict[str, Any]]:
+    for param, types in (("select_types", select_types), ("ignore_types", ignore_types)):
+        unknown = sorted(set(types or ()) - set(COMPONENT_TYPES))
+        if unknown:
+            raise ApiError(422, f"{param}: unknown component type(s) {', '.join(unknown)}; "
+                                f"known: {', '.join(COMPONENT_TYPES)}", param=param)
+    found = components(backend)
+    if select_types:
+        found = [c for c in found if c["type"] in select_types]
+    if ignore_types:
+        found = [c for c in found if c["type"] not in ignore_types]
+    if related_component:
+        found = [c for c in found if related_component in c["metadata"].get("compatible_components", [])]
+    if component_parent:
+        found = [c for c in found if c["parent"] == component_parent]
+    if has_related_of_type:
+        everything = components(backend)
+        found = [c for c in found if any(other["type"] == has_related_of_type and c["name"] in
+                                         other["metadata"].get("compatible_components", []) for other in everything)]
+    return found
+
+
+@router.get("/api/v1/component/{name}/")
+@router.get("/api/v1/component/{name}", include_in_schema=False)
+async def get_component(name: str, backend: BackendDep) -> dict[str, Any]:
+    for component in components(backend):
+        if component["name"] == name:
+            return component
+    raise ApiError(404, f"Component {name} does not exist.", param="name")
+
+
+def _empty_section() -> list:
+    return []
+
+
+for _section in EMPTY_SECTIONS:
+    router.add_api_route(f"/api/v1/{_section}/", _empty_section, methods=["GET"],
+                         summary=f"DashAI's {_section} section: not served here, always empty")
+    router.add_api_route(f"/api/v1/{_section}", _empty_section, methods=["GET"], include_in_schema=False)

@@ -1,0 +1,120 @@
+"""DashAI's job API, over this server's processes: one job per generative process, with
+the process's id.
+
+DashAI creates a process and then queues it with `POST /api/v1/job/`; this server
+queues every process as soon as it is stored (so plain HTTP clients need no second
+call), which makes that call a confirmation: it checks the process and answers its
+job. The job list and `changes` feed DashAI's "Job Queue" widget on every page.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any
+
+from fastapi import APIRouter, Request
+
+from t2i_task.api.backend import BackendDep
+from t2i_task.api.dashai import MAX_ID, RowId
+from t2i_task.api.errors import ApiError
+from t2i_task.models import GenerativeProcess, RunStatus
+from t2i_task.store import ERROR_PREFIX, ProcessNotFound
+
+router = APIRouter()
+
+JOB_TYPE = "GenerativeJob"
+LISTED_JOBS = 200  # the widget shows recent work, not the whole history
+JOB_STATUS = {
+    RunStatus.NOT_STARTED: "not_started",
+    RunStatus.DELIVERED: "not_started",
+    RunStatus.STARTED: "started",
+    RunStatus.FINISHED: "finished",
+    RunStatus.ERROR: "error",
+}
+# DashAI's own timestamp format for `since` and `cursor`: UTC, milliseconds, no zone.
+DASHAI_TIME = "%Y-%m-%d %H:%M:%S.%f"
+
+
+def _dashai_time(moment: datetime | None) -> str | None:
+    return moment.astimezone(UTC).strftime(DASHAI_TIME)[:-3] if moment else None
+
+
+def job_json(process: GenerativeProcess) -> dict[str, Any]:
+    error = next((row.data for row in process.output if row.data.startswith(ERROR_PREFIX)), None)
+    return {
+        "id": process.id,
+        "task_type": JOB_TYPE,
+        "job_name": f"Generative process {process.id}",
+        "generative_process_id": process.id,
+        "enqueued_at": _dashai_time(process.delivery_time or process.created),
+        "status": JOB_STATUS[process.status],
+        "last_update": _dashai_time(process.last_modified),
+        "error_msg": error.removeprefix(ERROR_PREFIX) if error else None,
+        "progress": 100 if process.status is RunStatus.FINISHED else None,
+        "progress_message": None,
+    }
+
+
+@router.post("/api/v1/job/", status_code=201)
+@router.post("/api/v1/job", status_code=201, include_in_schema=False)
+async def create_job(request: Request, backend: BackendDep) -> dict[str, Any]:
+    """DashAI's multipart `job_type=GenerativeJob`, `kwargs={"generative_process_id": id}` (JSON also
+    accepted). The process is queued already; asking again leaves it queued once."""
+    content_type = request.headers.get("content-type", "")
+    try:
+        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+            body: Any = dict(await request.form())
+        else:
+            body = await request.json()
+        kwargs = body.get("kwargs", {})
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
+    except Exception as exc:
+        raise ApiError(400, f"Request body is not valid form data or JSON: {exc}") from exc
+    if not isinstance(body, dict) or body.get("job_type") != JOB_TYPE:
+        job_type = body.get("job_type") if isinstance(body, dict) else None
+        raise ApiError(400, f"job_type {job_type!r} is not served here; this server runs {JOB_TYPE} only.",
+                       param="job_type")
+    process_id = kwargs.get("generative_process_id") if isinstance(kwargs, dict) else None
+    if not isinstance(process_id, int) or isinstance(process_id, bool) or not 1 <= process_id <= MAX_ID:
+        raise ApiError(422, "kwargs.generative_process_id: a process id (positive integer) is required",
+                       param="kwargs.generative_process_id")
+    process = await backend.db(backend.store.get_process, process_id)
+    return {"id": process.id, **job_json(process)}
+
+
+@router.get("/api/v1/job/")
+@router.get("/api/v1/job", include_in_schema=False)
+async def list_jobs(backend: BackendDep) -> list[dict[str, Any]]:
+    return [job_json(p) for p in await backend.db(backend.store.list_recent_processes, LISTED_JOBS)]
+
+
+@router.get("/api/v1/job/changes")
+async def job_changes(backend: BackendDep, since: str | None = None) -> dict[str, Any]:
+    """The jobs changed after `since` (DashAI's `YYYY-MM-DD HH:MM:SS.fff`, UTC), and a cursor for the next call."""
+    now = datetime.now(UTC)
+    moment = None
+    if since:
+        try:
+            moment = datetime.fromisoformat(since.replace("Z", "+00:00"))
+        except ValueError as exc:
+            raise ApiError(422, f"since: not a timestamp like '2026-11-25 13:00:00.000': {since!r}",
+                           param="since") from exc
+        moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+    changed = await backend.db(backend.store.list_recent_processes, LISTED_JOBS, moment)
+    return {
+        "jobs": [job_json(p) for p in changed],
+        "cursor": _dashai_time(now),
+        "server_now": _dashai_time(now),
+        "queue_empty": not backend.queue.pending and not backend.queue.answering,
+        "recently_completed": any(p.status in (RunStatus.FINISHED, RunStatus.ERROR) for p in changed),
+    }
+
+
+@router.get("/api/v1/job/{job_id}")
+async def get_job(job_id: RowId, backend: BackendDep) -> dict[str, Any]:
+    try:
+        process = await backend.db(backend.store.get_process, job_id)
+    except ProcessNotFound as exc:
+        raise ApiError(404, f"Job with ID {job_id} does not exist.") from exc
+    return job_json(process)
