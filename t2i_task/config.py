@@ -115,7 +115,7 @@ class GenerationParameters(_Section):
     num_inference_steps: int = Field(default=25, ge=1, description="Denoising steps: more is slower and finer.")
     guidance_scale: float = Field(default=7.5, ge=0, allow_inf_nan=False,
                                   description="How closely the image follows the prompt (0: ignore it).")
-    negative_prompt: CleanText | None = Field(default=None, description="What the image should not show.")
+    negative_prompt: CleanText | None = Field(default=None, description="What the image should not show (empty: nothing).")
     width: int = Field(default=512, ge=8, multiple_of=8, description="Image width in pixels, a multiple of 8.")
     height: int = Field(default=512, ge=8, multiple_of=8, description="Image height in pixels, a multiple of 8.")
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1, description="-1 draws a random seed, returned with the image.")
@@ -146,17 +146,25 @@ def parameters_model(limits: LimitsConfig, defaults: GenerationParameters) -> ty
     )
 
 
-def _out_of_bounds(model: type[BaseModel], exc: ValidationError) -> ValueError:
+class ParameterError(ValueError):
+    """A generation parameter out of its bounds or of the wrong type; `field` names it."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _out_of_bounds(model: type[BaseModel], exc: ValidationError) -> ParameterError:
     """The first error as a sentence naming the field, with its bounds where it has them."""
     error = exc.errors()[0]
     field = ".".join(str(part) for part in error["loc"]) or "parameters"
     if error["type"] in ("greater_than_equal", "less_than_equal") and field in model.model_fields:
         schema = model.model_json_schema()["properties"][field]
-        return ValueError(f"{field} must be between {schema['minimum']:g} and {schema['maximum']:g}, "
-                          f"got {error['input']}")
+        return ParameterError(field, f"{field} must be between {schema['minimum']:g} and {schema['maximum']:g}, "
+                                     f"got {error['input']}")
     if error["type"] in ("string_too_long", "too_long"):
-        return ValueError(f"{field} is longer than {error['ctx']['max_length']} characters")
-    return ValueError(f"{field}: {error['msg']}")
+        return ParameterError(field, f"{field} is longer than {error['ctx']['max_length']} characters")
+    return ParameterError(field, f"{field}: {error['msg']}")
 
 
 class Settings(_Section):
@@ -183,7 +191,7 @@ class Settings(_Section):
     def validate_parameters(self, parameters: dict | None) -> GenerationParameters:
         """Parameters over the configured defaults, within the configured limits.
 
-        Raises ValueError naming the first bad parameter (`width must be between 32 and 512, got 600`).
+        Raises ParameterError naming the first bad parameter (`width must be between 32 and 512, got 600`).
         """
         model = self.parameters_model
         try:

@@ -159,7 +159,7 @@ class ProcessQueue:
             prompt = self.task.prepare_for_task(process.input)
             request = GenerationRequest(
                 prompt=prompt,
-                negative_prompt=params.negative_prompt,
+                negative_prompt=params.negative_prompt or None,  # a form's empty field: none
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
                 width=params.width,

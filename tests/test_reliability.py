@@ -137,8 +137,15 @@ def test_sigterm_drains_running_generations_before_exit(tiny_model_path, folder)
 
 def test_api_keys_guard_every_route_but_the_probes_and_never_reach_the_log(tiny_model_path, folder):
     key = "sk-test-4f1e9c0d2b"
-    server = start_server(write_config(folder, tiny_model_path), env={"T2I_API_KEYS": f"{key},second-key"})
+    page = "http://localhost:3000"  # a browser page on another origin
+    server = start_server(write_config(folder, tiny_model_path),
+                          env={"T2I_API_KEYS": f"{key},second-key", "T2I_CORS_ORIGINS": page})
     try:
+        # A browser's preflight carries no key: it is answered; the call itself still needs one.
+        preflight = httpx.options(server.url + "/api/v1/generative-session/", headers={
+            "Origin": page, "Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization"})
+        assert preflight.status_code == 200 and preflight.headers["access-control-allow-origin"] == page
+        assert httpx.get(server.url + "/api/v1/generative-session/", headers={"Origin": page}).status_code == 401
         for path in ("/v1/models", "/api/v1/task/metadata", "/metrics", "/docs.json", "/api/v1/generative-session/"):
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": key}):
                 response = httpx.get(server.url + path, headers=headers)

@@ -270,3 +270,31 @@ def test_orphan_images_are_removed_but_named_and_fresh_ones_kept(store):
 
     assert sorted(store.remove_orphan_images(older_than_s=600)) == [".x.png.part", "orphan.png"]
     assert sorted(p.name for p in store.images_dir.iterdir()) == ["fresh-orphan.png", "kept.png", "notes.txt"]
+
+
+def test_a_session_is_renamed_or_switched_and_a_taken_name_refused(store):
+    session, other = new_session(store, "first"), new_session(store, "second")
+    renamed = store.update_session(session.id, name="renamed", model_name="other-model")
+    assert (renamed.name, renamed.model_name, renamed.description) == ("renamed", "other-model", session.description)
+    with pytest.raises(DuplicateSessionName):
+        store.update_session(session.id, name=other.name)
+    assert store.get_session(session.id).name == "renamed"
+
+
+def test_deleting_sessions_removes_their_processes_and_image_files(store):
+    doomed, kept = new_session(store, "doomed"), new_session(store, "kept")
+    for session, name in ((doomed, "doomed.png"), (kept, "kept.png")):
+        process = store.create_process(session.id, [("a", "str")])
+        store.start_process(process.id)
+        store.finish_process(process.id, [(name, "Image")])
+    store.images_dir.mkdir(exist_ok=True)
+    for name in ("doomed.png", "kept.png"):
+        (store.images_dir / name).write_bytes(b"png")
+
+    with pytest.raises(SessionNotFound):
+        store.delete_sessions([doomed.id, 999])  # one missing: none deleted
+    assert (store.images_dir / "doomed.png").exists()
+    store.delete_sessions([doomed.id])
+    assert [s.name for s in store.list_sessions()] == ["kept"]
+    assert sorted(p.name for p in store.images_dir.iterdir()) == ["kept.png"]
+    assert count(store, GenerativeProcess) == 1 and count(store, ProcessData) == 2

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, validation_error
-from t2i_task.config import CleanText, GenerationParameters
+from t2i_task.config import CleanText, GenerationParameters, ParameterError
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
 from t2i_task.store import DuplicateSessionName
 from t2i_task.task import TextToImageGenerationTask
@@ -128,7 +128,7 @@ def session_parameters(backend: Backend, values: dict[str, Any]) -> dict[str, An
     model = backend.settings.parameters_model
     try:
         params = backend.settings.validate_parameters({k: v for k, v in values.items() if k in model.model_fields})
-    except ValueError as exc:
+    except ParameterError as exc:
         raise parameters_error(exc) from exc
     kept = {key: values[key] for key in SESSION_ATTRIBUTES if isinstance(values.get(key), str)}
     return params.model_dump() | kept

@@ -39,12 +39,14 @@ def devices() -> list[str]:
 
 
 def _form_property(schema: dict[str, Any], default: Any) -> dict[str, Any]:
-    """One form field: DashAI's front end reads `type` and shows `placeholder` (the default)."""
-    field = {key: value for key, value in schema.items() if key not in ("anyOf", "default")}
-    for option in schema.get("anyOf", []):  # optional: the non-null alternative
-        if option.get("type") != "null":
-            field.update(option)
-    return field | {"default": default, "placeholder": default}
+    """One form field as pydantic writes it, showing the default as `placeholder`. An empty
+    optional text is "" there, as in DashAI's own models: its form refuses a null one."""
+    shown = "" if default is None else default
+    field = schema | {"default": shown, "placeholder": shown}
+    if "anyOf" in field:  # the front end keeps only the non-null branch: it needs the placeholder too
+        field["anyOf"] = [option if option.get("type") == "null" else option | {"default": shown, "placeholder": shown}
+                          for option in field["anyOf"]]
+    return field
 
 
 def model_schema(backend: Backend) -> dict[str, Any]:
@@ -137,6 +139,18 @@ async def list_components(
         found = [c for c in found if any(other["type"] == has_related_of_type and c["name"] in
                                          other["metadata"].get("compatible_components", []) for other in everything)]
     return found
+
+
+@router.get("/api/v1/component/{name}/download")
+async def download_status(name: str, backend: BackendDep) -> dict[str, bool]:
+    """Nothing to download: the served model is loaded on this server."""
+    await get_component(name, backend)
+    return {"downloaded": True, "requires_download": False}
+
+
+@router.post("/api/v1/component/downloads/required")
+async def required_downloads() -> list:
+    return []
 
 
 @router.get("/api/v1/component/{name}/")

@@ -14,6 +14,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from t2i_task.config import ParameterError
 from t2i_task.http_guards import error_payload, is_openai_path
 from t2i_task.processes import QueueFull, ShuttingDown
 from t2i_task.store import NotFoundError
@@ -48,13 +49,9 @@ def validation_error(exc: ValidationError, status: int = 422) -> ApiError:
     return ApiError(status, "; ".join(f"{field}: {message}" for field, message in errors), param=errors[0][0])
 
 
-def parameters_error(exc: ValueError) -> ApiError:
+def parameters_error(exc: ParameterError) -> ApiError:
     """A 422 naming the parameter that broke a limit or a type."""
-    if isinstance(exc, ValidationError):
-        field, message = field_errors(exc)[0]
-        return ApiError(422, f"{field}: {message}", param=field)
-    field = str(exc).split(" ", 1)[0]
-    return ApiError(422, str(exc), param=field)
+    return ApiError(422, str(exc), param=exc.field)
 
 
 @contextmanager

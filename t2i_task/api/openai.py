@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, retry_later
-from t2i_task.config import GenerationParameters, Settings
+from t2i_task.config import GenerationParameters, ParameterError, Settings
 from t2i_task.models import ProcessData
 from t2i_task.processes import GenerationFailed, ModelUnavailable, describe_failure
 from t2i_task.task import TextToImageGenerationTask
@@ -108,7 +108,7 @@ def _parameters(body: ImageGenerationRequest, settings: Settings) -> GenerationP
             overrides[field] = getattr(body, field)
     try:
         return settings.validate_parameters(overrides)
-    except ValueError as exc:
+    except ParameterError as exc:
         error = parameters_error(exc)
         param = {"num_images_per_prompt": "n", "width": "size", "height": "size"}.get(error.param, error.param)
         raise ApiError(400, error.message, param=param) from exc
