@@ -227,19 +227,10 @@ def test_process_errors_are_json_and_store_nothing(http):
     assert http.get(f"/api/v1/generative-process/session/{session['id']}").json() == []
 
 
-@pytest.mark.parametrize(
-    "path",
-    [
-        "/api/v1/generative-process/image/..%2F..%2Fetc%2Fpasswd",
-        "/api/v1/generative-process/image/%2e%2e",
-        "/api/v1/generative-process/image/%2Fetc%2Fpasswd",
-        "/api/v1/generative-process/image/..",
-        "/api/v1/generative-process/image/missing.png",
-        "/api/v1/generative-process/image/t2i.db",
-    ],
-)
-def test_image_route_serves_only_bare_png_names(server, path):
-    response = httpx.get(server.url + path)
+@pytest.mark.parametrize("route", ["image", "file"])  # older DashAI front ends, and the current one
+@pytest.mark.parametrize("name", ["..%2F..%2Fetc%2Fpasswd", "%2e%2e", "%2Fetc%2Fpasswd", "..", "missing.png", "t2i.db"])
+def test_image_route_serves_only_bare_png_names(server, route, name):
+    response = httpx.get(f"{server.url}/api/v1/generative-process/{route}/{name}")
     # 404, or 405 where the client resolved ".." to the process route before sending
     assert response.status_code in (404, 405)
     assert response.headers["content-type"] == "application/json"
