@@ -19,7 +19,6 @@ A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
 from __future__ import annotations
 
 import asyncio
-import logging
 
 import aiohttp
 import bentoml
@@ -38,7 +37,6 @@ from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
 from t2i_task.store import Store
 from t2i_task.task import TextToImageGenerationTask
 
-logger = logging.getLogger("t2i.service")
 settings = load_settings()
 MODEL_READY_POLL_S = 0.5
 
