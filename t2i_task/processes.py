@@ -14,6 +14,7 @@ given (`call_model`), and HTTP is the caller's business.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -52,10 +53,18 @@ class GenerationFailed(Exception):
 
 
 def describe_failure(exc: BaseException) -> str:
-    """The reason stored in an ERROR process's output row."""
+    """The reason stored in an ERROR process's output row: a sentence a person can read."""
     if isinstance(exc, OSError) and exc.filename:
         return f"{type(exc).__name__}: {exc.strerror} ({Path(exc.filename).name})"
-    return str(exc) or type(exc).__name__
+    message = str(exc) or type(exc).__name__
+    # BentoML's client raises with the model service's JSON body as its message,
+    # e.g. {"error": "Not able to process the request in 600.0 seconds"}: keep the sentence.
+    try:
+        body = json.loads(message)
+    except ValueError:
+        return message
+    reason = body.get("error") if isinstance(body, dict) else None
+    return reason if isinstance(reason, str) and reason else message
 
 
 class ProcessQueue:

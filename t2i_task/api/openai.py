@@ -65,7 +65,7 @@ async def generate_images(body: ImageGenerationRequest, request: Request, backen
             saved = await backend.queue.run_now(await _session_id(backend), inputs, params)
         except BentoMLException as exc:
             status = exc.error_code if exc.error_code in (429, 503, 504) else 500
-            raise retry_later(int(status), f"Generation failed: {exc}") from exc
+            raise retry_later(int(status), f"Generation failed: {describe_failure(exc)}") from exc
         except ModelUnavailable as exc:
             raise retry_later(503, f"{exc} Retry later.") from exc
         except (GenerationFailed, OSError) as exc:  # the model, or the images folder
