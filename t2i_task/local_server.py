@@ -106,6 +106,10 @@ class Server:
         self.process.wait()
 
 
+class PortTaken(RuntimeError):
+    """Another program bound the server's port first."""
+
+
 def start_server(config: Path, timeout: float = 90, env: dict[str, str] | None = None,
                  log_name: str = "server.log") -> Server:
     """`bentoml serve` with `config` on a free loopback port, returned once /readyz answers 200.
@@ -119,10 +123,6 @@ def start_server(config: Path, timeout: float = 90, env: dict[str, str] | None =
         except PortTaken:
             continue
     raise RuntimeError("three free ports were taken before the server could bind them")
-
-
-class PortTaken(RuntimeError):
-    pass
 
 
 def _start_server_on(port: int, config: Path, timeout: float, env: dict[str, str] | None, log_name: str) -> Server:
