@@ -264,19 +264,24 @@ async def create_process(request: Request, backend: BackendDep) -> dict[str, Any
     return process_json(backend, process)
 
 
-async def _process_body(request: Request) -> ProcessCreate:
+async def read_form_or_json(request: Request) -> Any:
+    """The body as DashAI's front end sends it (a form, as a dict) or as a script sends it (JSON)."""
     content_type = request.headers.get("content-type", "")
     try:
         if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            form = await request.form()
-            texts = [form[key] for key in sorted(k for k in form if k.startswith("text_"))]
-            data: Any = {"session_id": form.get("session_id"), "input": texts}
-        else:
-            data = await request.json()
+            return dict(await request.form())
+        return await request.json()
     except StarletteHTTPException:
         raise  # e.g. 413 from the body size limit
     except Exception as exc:
         raise ApiError(400, f"Request body is not valid JSON or form data: {exc}") from exc
+
+
+async def _process_body(request: Request) -> ProcessCreate:
+    data = await read_form_or_json(request)
+    if request.headers.get("content-type", "").startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
+        texts = [data[key] for key in sorted(k for k in data if k.startswith("text_"))]
+        data = {"session_id": data.get("session_id"), "input": texts}
     try:
         return ProcessCreate.model_validate(data)
     except ValidationError as exc:

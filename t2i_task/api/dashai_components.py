@@ -125,7 +125,8 @@ async def list_components(
         if unknown:
             raise ApiError(422, f"{param}: unknown component type(s) {', '.join(unknown)}; "
                                 f"known: {', '.join(COMPONENT_TYPES)}", param=param)
-    found = components(backend)
+    everything = components(backend)
+    found = everything
     if select_types:
         found = [c for c in found if c["type"] in select_types]
     if ignore_types:
@@ -135,7 +136,6 @@ async def list_components(
     if component_parent:
         found = [c for c in found if c["parent"] == component_parent]
     if has_related_of_type:
-        everything = components(backend)
         found = [c for c in found if any(other["type"] == has_related_of_type and c["name"] in
                                          other["metadata"].get("compatible_components", []) for other in everything)]
     return found

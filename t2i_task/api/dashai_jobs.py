@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 
 from t2i_task.api.backend import BackendDep
-from t2i_task.api.dashai import MAX_ID, RowId
+from t2i_task.api.dashai import MAX_ID, RowId, read_form_or_json
 from t2i_task.api.errors import ApiError
 from t2i_task.models import GenerativeProcess, RunStatus
 from t2i_task.store import ERROR_PREFIX, ProcessNotFound
@@ -61,20 +61,16 @@ def job_json(process: GenerativeProcess) -> dict[str, Any]:
 async def create_job(request: Request, backend: BackendDep) -> dict[str, Any]:
     """DashAI's multipart `job_type=GenerativeJob`, `kwargs={"generative_process_id": id}` (JSON also
     accepted). The process is queued already; asking again leaves it queued once."""
-    content_type = request.headers.get("content-type", "")
-    try:
-        if content_type.startswith(("multipart/form-data", "application/x-www-form-urlencoded")):
-            body: Any = dict(await request.form())
-        else:
-            body = await request.json()
-        kwargs = body.get("kwargs", {})
-        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
-    except Exception as exc:
-        raise ApiError(400, f"Request body is not valid form data or JSON: {exc}") from exc
-    if not isinstance(body, dict) or body.get("job_type") != JOB_TYPE:
-        job_type = body.get("job_type") if isinstance(body, dict) else None
+    body = await read_form_or_json(request)
+    job_type = body.get("job_type") if isinstance(body, dict) else None
+    if job_type != JOB_TYPE:
         raise ApiError(400, f"job_type {job_type!r} is not served here; this server runs {JOB_TYPE} only.",
                        param="job_type")
+    kwargs = body.get("kwargs", {})
+    try:
+        kwargs = json.loads(kwargs) if isinstance(kwargs, str) else kwargs
+    except ValueError as exc:
+        raise ApiError(400, f"kwargs is not valid JSON: {exc}", param="kwargs") from exc
     process_id = kwargs.get("generative_process_id") if isinstance(kwargs, dict) else None
     if not isinstance(process_id, int) or isinstance(process_id, bool) or not 1 <= process_id <= MAX_ID:
         raise ApiError(422, "kwargs.generative_process_id: a process id (positive integer) is required",
