@@ -19,6 +19,8 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
+from t2i_task.cost import HEADROOM, GenerationCost, largest_square
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
 
@@ -37,13 +39,22 @@ class ModelConfig(_Section):
     path: str = Field(min_length=1, description="Local diffusers folder or a Hugging Face model id (loaded from the local cache).")
     scheduler: str | None = Field(default=None, description="diffusers scheduler class replacing the model's own, e.g. EulerDiscreteScheduler.")
     local_files_only: bool = Field(default=True, description="Never contact the Hub; the model must be a local folder or cached.")
+    cost: GenerationCost | None = Field(
+        default=None,
+        description="Seconds a generation takes on this machine (`make calibrate`); without it only the field "
+        "limits bound a request, and work that cannot finish in time fails by timeout.",
+    )
 
 
 class RuntimeConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     attention: Literal["auto", "sdpa", "xformers"] = "auto"
-    compile: bool = Field(default=False, description="torch.compile the UNet (slow first call, faster after).")
+    compile: bool | Literal["auto"] = Field(
+        default=False,
+        description="torch.compile the UNet (slow first call, faster after): true, false, or auto (on CUDA, "
+        "falling back to the uncompiled UNet with the reason logged if compiling fails).",
+    )
     cpu_threads: int | None = Field(
         default=None, ge=1, description="torch intra-op threads on CPU; default: every core but one, left to the HTTP process."
     )
@@ -123,15 +134,18 @@ class GenerationParameters(_Section):
 
 
 @functools.lru_cache
-def parameters_model(limits: LimitsConfig, defaults: GenerationParameters) -> type[GenerationParameters]:
+def parameters_model(limits: LimitsConfig, defaults: GenerationParameters, cost_note: str = "") -> type[GenerationParameters]:
     """GenerationParameters with the configured limits as field bounds and the configured
     defaults as defaults: the one model that validates a served model's parameters, and
-    whose JSON schema clients build their forms from."""
+    whose JSON schema clients build their forms from. `cost_note` is added to the
+    descriptions of the fields the cost limit bounds together."""
     base = GenerationParameters.model_fields
+    costed = ("num_inference_steps", "width", "height", "num_images_per_prompt")
 
     def bounded(name: str, **bounds):
         info = base[name]
-        return info.annotation, Field(default=getattr(defaults, name), description=info.description, **bounds)
+        description = f"{info.description} {cost_note}" if cost_note and name in costed else info.description
+        return info.annotation, Field(default=getattr(defaults, name), description=description, **bounds)
 
     return create_model(
         "ServedGenerationParameters",
@@ -178,26 +192,68 @@ class Settings(_Section):
 
     @model_validator(mode="after")
     def _consistent(self) -> Settings:
-        self.validate_parameters({})  # the defaults within the limits
+        self.validate_parameters({})  # the defaults within the field limits and the cost limit
         if self.batching.max_latency_ms / 1000 >= self.serving.request_timeout_s:
             # Otherwise a request the batcher still accepts times out while queued.
             raise ValueError("batching.max_latency_ms must be below serving.request_timeout_s")
         return self
 
     @property
+    def model_call_budget_s(self) -> float:
+        """Seconds of estimated work a model call may hold: it must finish within the request
+        timeout, and wait in the batcher's queue less than its latency limit (or be refused)."""
+        return min(self.serving.request_timeout_s, self.batching.max_latency_ms / 1000) * HEADROOM
+
+    @property
     def parameters_model(self) -> type[GenerationParameters]:
-        return parameters_model(self.limits, self.defaults)
+        return parameters_model(self.limits, self.defaults, self._cost_note())
+
+    def _cost_note(self) -> str:
+        cost = self.model.cost
+        if cost is None:
+            return ""
+        steps = self.defaults.num_inference_steps
+        side = largest_square(cost.max_pixels(steps, 1, self.model_call_budget_s))
+        return (f"Size, steps and images are also bounded together: a request must finish within "
+                f"{self.model_call_budget_s:g} s here, e.g. one image at {steps} steps is at most {side}x{side}.")
+
+    def check_cost(self, params: GenerationParameters) -> None:
+        """Refuse a request that could not finish within a model call's time, naming what would."""
+        cost, budget = self.model.cost, self.model_call_budget_s
+        if cost is None:
+            return
+        width, height = params.width, params.height
+        steps, images = params.num_inference_steps, params.num_images_per_prompt
+        estimate = cost.seconds(width, height, steps, images)
+        if estimate <= budget:
+            return
+        side = min(largest_square(cost.max_pixels(steps, images, budget)), self.limits.max_width,
+                   self.limits.max_height)
+        most_steps = min(cost.max_steps(width, height, images, budget), self.limits.max_steps)
+        count = f"{images} image{'s' if images > 1 else ''}"
+        size_hint = (f"the largest size is {side}x{side}" if side >= self.limits.min_size
+                     else "no size fits")
+        steps_hint = f"the most steps is {most_steps}" if most_steps else "no step count fits"
+        raise ParameterError(
+            "width",
+            f"{width}x{height} at {steps} steps ({count}) would take about {estimate:.0f} s on this server, "
+            f"more than the {budget:g} s a generation may take: at {steps} steps and {count} {size_hint}; "
+            f"at {width}x{height} and {count} {steps_hint}.",
+        )
 
     def validate_parameters(self, parameters: dict | None) -> GenerationParameters:
         """Parameters over the configured defaults, within the configured limits.
 
-        Raises ParameterError naming the first bad parameter (`width must be between 32 and 512, got 600`).
+        Raises ParameterError naming the first bad parameter (`width must be between 32 and 512, got 600`),
+        or, for a request too costly to finish in time, the largest size and step count that would.
         """
         model = self.parameters_model
         try:
-            return model.model_validate(self.defaults.model_dump() | dict(parameters or {}))
+            params = model.model_validate(self.defaults.model_dump() | dict(parameters or {}))
         except ValidationError as exc:
             raise _out_of_bounds(model, exc) from None
+        self.check_cost(params)
+        return params
 
 
 def _resolve(path: str | Path, base: Path) -> Path:

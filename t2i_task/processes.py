@@ -25,6 +25,7 @@ from pydantic import ValidationError
 from t2i_task.config import GenerationParameters, Settings
 from t2i_task.models import GenerativeProcess
 from t2i_task.runner import GenerationRequest, GenerationResult
+from t2i_task.scheduler import ModelScheduler, Priority
 from t2i_task.store import Store
 from t2i_task.task import TextToImageGenerationTask
 
@@ -36,7 +37,12 @@ ModelCall = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 
 
 class QueueFull(Exception):
-    """More generations are admitted than `serving.max_queued_generations`."""
+    """More generations are admitted than `serving.max_queued_generations`, or a live request
+    could not finish in time behind the work already waiting: retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
 
 
 class ShuttingDown(Exception):
@@ -72,6 +78,10 @@ class ProcessQueue:
         self.store, self.task, self.call_model = store, task, call_model
         self.serving = settings.serving
         self.model_name = settings.model.name
+        self.cost = settings.model.cost
+        if self.cost is None:
+            log.warning("model.cost is not set (run `make calibrate`): only the field limits bound a request, "
+                        "and work the model cannot finish in time ends by timeout")
         self.instance = settings.serving.instance_name
         # Processes queued or running here, by id; the tasks are held so they
         # are not garbage-collected, and the sweep knows what is in hand.
@@ -83,9 +93,9 @@ class ProcessQueue:
         # being stored or generated here.
         self._claims = asyncio.Lock()
         self.draining = False
-        # Keeps the batcher's queue to about two full batches: work beyond waits
-        # here as DELIVERED instead of being refused by the batcher (503).
-        self.model_slots = asyncio.Semaphore(2 * settings.batching.max_batch_size)
+        # Work waits here (DELIVERED) until the model has room for it, so time in this
+        # queue never counts toward a model call's timeout (t2i_task/scheduler.py).
+        self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size)
         self._sweeper: asyncio.Task | None = None
 
     async def db(self, call: Callable, *args, **kwargs):
@@ -115,15 +125,23 @@ class ProcessQueue:
     async def run_now(
         self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters
     ) -> list[tuple[str, str]]:
-        """Store a new process and run it while the caller waits: its output rows."""
+        """Store a new process and run it while the caller waits: its output rows.
+
+        Refused (QueueFull) when the work ahead of it would keep it from finishing in time.
+        """
         self.admit()
+        wait_s = self.scheduler.wait_s(self.cost_s(params), Priority.LIVE)
+        if wait_s > 0:
+            ahead = self.scheduler.waiting_s(Priority.LIVE)
+            raise QueueFull(f"Server busy: about {ahead:.0f} s of work is ahead of this request, which could not "
+                            f"finish in time. Retry later.", retry_after_s=wait_s)
         self.answering += 1
         process = None
         try:
             async with self._claims:
                 process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance)
                 self.in_hand.add(process.id)
-            return await self.generate(process, params)
+            return await self.generate(process, params, priority=Priority.LIVE)
         finally:
             self.answering -= 1
             if process is not None:
@@ -152,8 +170,18 @@ class ProcessQueue:
         if not job.cancelled():
             job.exception()  # consumed: the failure is already recorded as the process's ERROR
 
+    def cost_s(self, params: GenerationParameters) -> float:
+        """Estimated seconds the model needs for these parameters (0 when the model is not calibrated)."""
+        if self.cost is None:
+            return 0.0
+        return self.cost.seconds(params.width, params.height, params.num_inference_steps, params.num_images_per_prompt)
+
     async def generate(
-        self, process: GenerativeProcess, params: GenerationParameters, requeue_if_stopped: bool = False
+        self,
+        process: GenerativeProcess,
+        params: GenerationParameters,
+        requeue_if_stopped: bool = False,
+        priority: Priority = Priority.QUEUED,
     ) -> list[tuple[str, str]]:
         """Run one stored process to its end: FINISHED with its images, or ERROR with the reason.
 
@@ -176,7 +204,7 @@ class ProcessQueue:
                 seed=params.seed,
                 num_images=params.num_images_per_prompt,
             )
-            async with self.model_slots:
+            async with self.scheduler.slot(self.cost_s(params), priority):
                 await self.db(self.store.start_process, process.id)
                 started = True
                 generated = await self.call_model(request)

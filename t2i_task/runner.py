@@ -95,12 +95,34 @@ def resolve_placement(runtime: RuntimeConfig) -> Placement:
         # It runs, but about 25x slower than float32: never what anyone wants.
         raise RuntimeUnavailable("runtime.dtype 'float16' needs CUDA; on CPU use 'float32' (or 'bfloat16')")
 
-    xformers_usable = device.type == "cuda" and importlib.util.find_spec("xformers") is not None
-    if runtime.attention == "xformers" and not xformers_usable:
-        why = "it is not installed (pip install '.[gpu]')" if device.type == "cuda" else "it needs CUDA"
-        raise RuntimeUnavailable(f"runtime.attention is 'xformers' but {why}; use 'auto' or 'sdpa'")
-    attention = "xformers" if runtime.attention == "xformers" or (runtime.attention == "auto" and xformers_usable) else "sdpa"
+    attention = "sdpa"
+    if runtime.attention in ("auto", "xformers"):
+        problem = "it needs CUDA" if device.type != "cuda" else xformers_problem(device, dtype)
+        if problem is None:
+            attention = "xformers"
+        elif runtime.attention == "xformers":
+            raise RuntimeUnavailable(f"runtime.attention is 'xformers' but {problem}; use 'auto' or 'sdpa'")
+        elif device.type == "cuda":
+            log.warning("attention: PyTorch SDPA, not xformers: %s", problem)
     return Placement(device, dtype, attention)
+
+
+def xformers_problem(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why xformers cannot run here, or None once one tiny attention call through it worked.
+
+    Being installed is not enough: a wheel built for another torch imports, warns
+    that its C++/CUDA extensions cannot load, and fails at the first call.
+    """
+    if importlib.util.find_spec("xformers") is None:
+        return "it is not installed (pip install '.[gpu]')"
+    try:
+        import xformers.ops
+
+        query = torch.randn(1, 4, 2, 64, device=device, dtype=dtype)  # batch, tokens, heads, head size
+        xformers.ops.memory_efficient_attention(query, query, query)
+    except Exception as exc:  # ImportError, NotImplementedError, RuntimeError: all mean "not here"
+        return f"a test call failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+    return None
 
 
 def default_cpu_threads() -> int:
@@ -153,17 +175,16 @@ class DiffusionRunner:
             torch.set_num_threads(runtime.cpu_threads or default_cpu_threads())
         started = time.perf_counter()
         self.pipeline = load_pipeline(model_path, self.placement, scheduler, local_files_only)
-        self._optimize(compile_unet=runtime.compile)
+        self._lock = threading.Lock()  # a pipeline's scheduler holds per-call state: one call at a time
+        self._optimize(runtime.compile)
         self.load_seconds = time.perf_counter() - started
         self.max_images_per_call = max_images_per_call
-        # A pipeline's scheduler holds per-call state: one call at a time.
-        self._lock = threading.Lock()
         log.info(
             "loaded %s on %s (%s, %s attention) in %.2fs",
             model_path, self.placement.device, self.placement.dtype, self.placement.attention, self.load_seconds,
         )
 
-    def _optimize(self, compile_unet: bool) -> None:
+    def _optimize(self, compile_unet: bool | str) -> None:
         pipeline = self.pipeline
         if self.placement.attention == "xformers":
             pipeline.enable_xformers_memory_efficient_attention()
@@ -173,8 +194,24 @@ class DiffusionRunner:
             # slicing decodes one image at a time, tiling only acts above the tile size.
             pipeline.vae.enable_slicing()
             pipeline.vae.enable_tiling()
-        if compile_unet:
-            pipeline.unet = torch.compile(pipeline.unet)
+        if compile_unet is True or (compile_unet == "auto" and self.placement.device.type == "cuda"):
+            self._compile_unet(forced=compile_unet is True)
+
+    def _compile_unet(self, forced: bool) -> None:
+        """torch.compile the UNet and compile it now, on one small call: torch.compile is
+        lazy, and a compiler that fails must fail here, not on a user's request."""
+        eager = self.pipeline.unet
+        self.pipeline.unet = torch.compile(eager)
+        try:
+            self._call([GenerationRequest(prompt="warm-up", num_inference_steps=1, guidance_scale=1.0,
+                                          width=64, height=64)], [0])
+        except Exception as exc:
+            self.pipeline.unet = eager
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if forced:
+                raise RuntimeUnavailable(f"runtime.compile is true but compiling the UNet failed ({reason}); "
+                                         "use 'auto' or false") from exc
+            log.warning("running the UNet uncompiled: torch.compile failed (%s)", reason)
 
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Images for each request, in request order.

@@ -416,8 +416,11 @@ def test_two_replicas_share_one_postgresql_and_one_images_folder(tiny_model_path
 
 def test_the_batchers_own_refusal_reaches_clients_as_json_503(tiny_model_path, folder):
     # A latency budget of 1 ms: BentoML's batcher refuses whatever queues behind a running batch.
+    # With a cost figure the scheduler would never let work queue there (nor accept any:
+    # nothing finishes in 1 ms); an uncalibrated model is handed work by count only.
     gate = Gate(folder)
-    server = start_server(write_config(folder, tiny_model_path, batching={"max_latency_ms": 1}), env=gate.env())
+    config = write_config(folder, tiny_model_path, batching={"max_latency_ms": 1}, model={"cost": None})
+    server = start_server(config, env=gate.env())
     try:
         def generate(i):
             return httpx.post(f"{server.url}/v1/images/generations", timeout=60, json={"prompt": f"p{i}"})

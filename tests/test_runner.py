@@ -206,3 +206,91 @@ def test_a_model_that_names_its_own_pipeline_code_is_refused_without_running_it(
     with pytest.raises(Exception) as error:
         DiffusionRunner(str(custom), RuntimeConfig(device="cpu"))
     assert not isinstance(error.value, SystemExit)
+
+
+@pytest.fixture
+def fake_xformers(monkeypatch):
+    """An installed xformers whose attention call does what the test says: the probe must
+    judge it by that call, not by the package being importable."""
+    import importlib.machinery
+    import sys
+    import types
+
+    def install(attention):
+        package = types.ModuleType("xformers")
+        package.__spec__ = importlib.machinery.ModuleSpec("xformers", None)
+        ops = types.ModuleType("xformers.ops")
+        ops.memory_efficient_attention = attention
+        package.ops = ops
+        monkeypatch.setitem(sys.modules, "xformers", package)
+        monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+
+    return install
+
+
+def test_xformers_is_used_only_if_a_test_call_through_it_works(fake_xformers):
+    import torch
+
+    from t2i_task.runner import xformers_problem
+
+    fake_xformers(lambda q, k, v: q)
+    assert xformers_problem(torch.device("cpu"), torch.float32) is None
+
+    def broken(q, k, v):
+        raise NotImplementedError("No operator found for `memory_efficient_attention_forward`\nmore detail")
+
+    fake_xformers(broken)
+    problem = xformers_problem(torch.device("cpu"), torch.float32)
+    assert problem == "a test call failed (NotImplementedError: No operator found for `memory_efficient_attention_forward`)"
+
+
+def test_an_installed_xformers_that_cannot_run_falls_back_to_sdpa_or_fails_when_forced(fake_xformers, monkeypatch, caplog):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("needs a machine without CUDA, to pretend one whose xformers is broken")
+    # CUDA "available" but this torch cannot place tensors there: the probe's call fails, as
+    # it does for an xformers wheel built for another torch.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    fake_xformers(lambda q, k, v: q)
+
+    with caplog.at_level("WARNING", logger="t2i_task.runner"):
+        placement = resolve_placement(RuntimeConfig(attention="auto"))
+    assert placement.attention == "sdpa"
+    assert "PyTorch SDPA, not xformers: a test call failed" in caplog.text
+
+    with pytest.raises(RuntimeUnavailable, match="runtime.attention is 'xformers' but a test call failed"):
+        resolve_placement(RuntimeConfig(attention="xformers"))
+
+
+def test_a_compiler_that_fails_is_a_startup_error_when_forced_and_a_logged_fallback_otherwise(
+    tiny_model_path, monkeypatch, caplog
+):
+    import torch
+
+    class FailsWhenCalled(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("inductor: C++ compiler not found\ntraceback")
+
+        def __getattr__(self, name):  # the pipeline reads the UNet's config and dtype
+            try:
+                return super().__getattr__(name)
+            except AttributeError:
+                return getattr(self.module, name)
+
+    monkeypatch.setattr(torch, "compile", FailsWhenCalled)
+    with pytest.raises(RuntimeUnavailable, match="compiling the UNet failed .RuntimeError: inductor: C.. compiler"):
+        DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu", compile=True))
+
+    runner = DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu"))
+    eager = runner.pipeline.unet
+    with caplog.at_level("WARNING", logger="t2i_task.runner"):
+        runner._compile_unet(forced=False)  # what `compile: auto` does on CUDA
+    assert runner.pipeline.unet is eager
+    assert "running the UNet uncompiled: torch.compile failed (RuntimeError: inductor" in caplog.text
+    [result] = runner.generate([request()])
+    assert result.error is None and len(result.images) == 1

@@ -134,13 +134,14 @@ def session_parameters(backend: Backend, values: dict[str, Any]) -> dict[str, An
     return params.model_dump() | kept
 
 
-def generation_parameters(session: GenerativeSession) -> GenerationParameters:
-    """The generation values of a stored session (its other keys are not the model's business)."""
+def generation_parameters(backend: Backend, session: GenerativeSession) -> GenerationParameters:
+    """The generation values of a stored session (its other keys are not the model's business),
+    checked against today's limits: a session stored under larger ones gets a 422 naming them."""
     known = {k: v for k, v in (session.parameters or {}).items() if k in GenerationParameters.model_fields}
     try:
-        return GenerationParameters.model_validate(known)
-    except ValidationError as exc:
-        raise ApiError(409, f"Session {session.id} has unusable parameters: {exc}") from exc
+        return backend.settings.validate_parameters(known)
+    except ParameterError as exc:
+        raise parameters_error(exc) from exc
 
 
 def check_model(backend: Backend, model_name: str) -> str:
@@ -258,7 +259,7 @@ async def create_process(request: Request, backend: BackendDep) -> dict[str, Any
     except ValueError as exc:
         raise ApiError(422, f"input: {exc}", param="input") from exc
     session = await backend.db(backend.store.get_session, body.session_id)
-    params = generation_parameters(session)
+    params = generation_parameters(backend, session)
     with admission():
         process = await backend.queue.submit(session.id, inputs, params)
     return process_json(backend, process)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -31,8 +32,8 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.headers = status, message, param, headers
 
 
-def retry_later(status: int, message: str) -> ApiError:
-    return ApiError(status, message, headers={"Retry-After": str(RETRY_AFTER_S)})
+def retry_later(status: int, message: str, after_s: float = RETRY_AFTER_S) -> ApiError:
+    return ApiError(status, message, headers={"Retry-After": str(max(1, math.ceil(after_s)))})
 
 
 def field_errors(exc: ValidationError | RequestValidationError) -> list[tuple[str, str]]:
@@ -56,11 +57,12 @@ def parameters_error(exc: ParameterError) -> ApiError:
 
 @contextmanager
 def admission() -> Iterator[None]:
-    """The queue's refusals as HTTP answers: 429 when full, 503 when shutting down."""
+    """The queue's refusals as HTTP answers: 429 when full (Retry-After: the queue's estimate
+    where it has one), 503 when shutting down."""
     try:
         yield
     except QueueFull as exc:
-        raise retry_later(429, str(exc)) from exc
+        raise retry_later(429, str(exc), exc.retry_after_s or RETRY_AFTER_S) from exc
     except ShuttingDown as exc:
         raise retry_later(503, str(exc)) from exc
 

@@ -1,0 +1,118 @@
+"""`make calibrate`: measure what a generation costs here, and store it with the model's settings.
+
+Loads the configured model as the server would (same device, dtype and
+attention), times single images at the default step count at the smallest and the
+largest allowed size, and draws `seconds = overhead + rate x megapixels x
+steps` (t2i_task/cost.py) through the two. A step's cost grows faster than its
+pixels (attention is quadratic in them), so between the two sizes this line
+lies above the real cost: the estimate errs on the safe side everywhere a
+request may go. A size in between is timed as a check. The figures go to the
+`cost:` line of the model's section in the configuration file. Run it on the machine
+that serves, with nothing else running: the limits the server enforces follow.
+
+    python -m t2i_task.calibrate [--config configuration.yaml] [--dry-run]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import re
+import statistics
+import time
+from pathlib import Path
+
+from t2i_task.config import DEFAULT_CONFIG_PATH, Settings, load_settings
+from t2i_task.cost import MEGAPIXEL, GenerationCost
+from t2i_task.runner import DiffusionRunner, GenerationRequest
+
+RUNS_PER_SIZE = 2
+
+
+def sizes_to_measure(settings: Settings) -> list[int]:
+    """The smallest and largest allowed square sides and one between, multiples of 8."""
+    smallest = -(-settings.limits.min_size // 8) * 8
+    largest = min(settings.limits.max_width, settings.limits.max_height)
+    middle = (smallest + largest) // 2 // 8 * 8
+    return sorted({smallest, middle, largest})
+
+
+def measure(runner: DiffusionRunner, settings: Settings) -> tuple[GenerationCost, list[tuple[int, float]]]:
+    steps = settings.defaults.num_inference_steps
+
+    def seconds(side: int) -> float:
+        request = GenerationRequest(prompt="calibration", num_inference_steps=steps,
+                                    guidance_scale=settings.defaults.guidance_scale, width=side, height=side, seed=0)
+        started = time.perf_counter()
+        [result] = runner.generate([request])
+        if result.error:
+            raise RuntimeError(f"calibration failed at {side}x{side}: {result.error}")
+        return time.perf_counter() - started
+
+    sides = sizes_to_measure(settings)
+    seconds(sides[0])  # warm-up: first-call allocations and kernel choices
+    timings = [(side, statistics.median(seconds(side) for _ in range(RUNS_PER_SIZE))) for side in sides]
+    (small, t_small), (large, t_large) = timings[0], timings[-1]
+    w_small, w_large = small * small / MEGAPIXEL * steps, large * large / MEGAPIXEL * steps
+    slope = (t_large - t_small) / (w_large - w_small) if large > small else t_large / w_large
+    # Below zero is timing noise around a tiny overhead; zero only raises the estimate.
+    intercept = max(0.0, t_small - slope * w_small)
+    placement = runner.placement
+    cores = len(os.sched_getaffinity(0))
+    machine = torch_device_name(placement.device) or f"{cores}-core {platform.machine()} CPU"
+    measured_on = f"{machine}, {str(placement.dtype).removeprefix('torch.')}, {datetime.date.today().isoformat()}"
+    cost = GenerationCost(overhead_s=round(intercept, 4), seconds_per_megapixel_step=round(slope, 4),
+                          measured_on=measured_on)
+    return cost, timings
+
+
+def torch_device_name(device) -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else None
+
+
+def cost_line(cost: GenerationCost, indent: str) -> str:
+    return (f"{indent}cost: {{overhead_s: {cost.overhead_s}, seconds_per_megapixel_step: "
+            f"{cost.seconds_per_megapixel_step}, measured_on: \"{cost.measured_on}\"}}")
+
+
+def store(config_path: Path, cost: GenerationCost) -> None:
+    """Replace the model section's `cost:` line, or add one after its `path:` line; comments stay."""
+    text = config_path.read_text()
+    existing = re.search(r"^( +)cost:.*$", text, flags=re.MULTILINE)
+    if existing:
+        text = text[: existing.start()] + cost_line(cost, existing[1]) + text[existing.end():]
+    else:
+        path_line = re.search(r"^( +)path:.*$", text, flags=re.MULTILINE)
+        if not path_line:
+            raise SystemExit(f"{config_path}: no model path line to put the cost after; add it by hand")
+        text = text[: path_line.end()] + "\n" + cost_line(cost, path_line[1]) + text[path_line.end():]
+    config_path.write_text(text)
+    load_settings(config_path)  # still a valid configuration
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", type=Path, default=Path(os.environ.get("T2I_CONFIG") or DEFAULT_CONFIG_PATH))
+    parser.add_argument("--dry-run", action="store_true", help="print the figures, leave the file alone")
+    args = parser.parse_args()
+
+    settings = load_settings(args.config)
+    runner = DiffusionRunner(settings.model.path, settings.runtime, scheduler=settings.model.scheduler,
+                             local_files_only=settings.model.local_files_only)
+    cost, timings = measure(runner, settings)
+    steps = settings.defaults.num_inference_steps
+    for side, seconds in timings:
+        fitted = cost.seconds(side, side, steps)
+        print(f"{side}x{side}, {steps} steps: {seconds:.3f} s measured, {fitted:.3f} s fitted")
+    print(cost_line(cost, "  ").strip())
+    if not args.dry_run:
+        store(args.config, cost)
+        print(f"written to {args.config}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""What the model works on next: work is handed over only when the model can finish it in time.
+
+Every generation, live (an OpenAI call whose client waits) or queued (a stored
+DashAI process), asks `ModelScheduler.slot(...)` before it is sent to the model
+service. The scheduler hands work over in order of priority (live before
+queued), first come first served within one priority, and only while
+
+- the estimated seconds of work at the model, this one included, fit in the
+  time a model call may take (`Settings.model_call_budget_s`): every call then
+  finishes within its timeout however much work waits, because waiting here
+  does not count toward it; and
+- fewer than `max_at_model` requests are there: about two of BentoML's batches,
+  so that a live request arriving later is not queued behind everything.
+
+It also answers how long a new live request would wait (`wait_s`): the HTTP
+layer refuses one that could not finish in time with 429 and that wait as
+Retry-After. Only work of the same or a higher priority counts: queued
+processes never make a live request wait longer than the work already handed
+over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+
+class Priority(IntEnum):
+    LIVE = 0  # a client waits on the connection for the images
+    QUEUED = 1  # a stored process; its client polls
+
+
+@dataclass(order=True)
+class _Waiter:
+    priority: Priority
+    arrival: int
+    cost_s: float = field(compare=False)
+    granted: asyncio.Future = field(compare=False)
+
+
+class ModelScheduler:
+    def __init__(self, budget_s: float, max_at_model: int) -> None:
+        self.budget_s = budget_s
+        self.max_at_model = max_at_model
+        self.at_model_s = 0.0  # estimated seconds of the work handed over and not yet back
+        self.at_model = 0  # requests handed over and not yet back
+        self._waiting: list[_Waiter] = []  # kept sorted: priority, then arrival
+        self._arrivals = itertools.count()
+
+    def waiting_s(self, priority: Priority) -> float:
+        """Estimated seconds of work ahead of a new request of `priority`."""
+        return self.at_model_s + sum(w.cost_s for w in self._waiting if w.priority <= priority)
+
+    def wait_s(self, cost_s: float, priority: Priority) -> float:
+        """How long a new request costing `cost_s` would wait before it could finish within the
+        budget: 0 if it can be handed over in time now (the work ahead of it plus its own fits)."""
+        return max(0.0, self.waiting_s(priority) + cost_s - self.budget_s)
+
+    @asynccontextmanager
+    async def slot(self, cost_s: float, priority: Priority) -> AsyncIterator[None]:
+        """Wait until the model has room for this work, hold it while the model runs it."""
+        waiter = _Waiter(priority, next(self._arrivals), cost_s, asyncio.get_running_loop().create_future())
+        self._waiting.append(waiter)
+        self._waiting.sort()
+        self._hand_over()
+        try:
+            await waiter.granted
+        except BaseException:
+            if waiter in self._waiting:
+                self._waiting.remove(waiter)
+                self._hand_over()  # the work behind it may fit now
+            elif waiter.granted.done() and not waiter.granted.cancelled():
+                self._release(cost_s)  # granted just as it was cancelled
+            raise
+        try:
+            yield
+        finally:
+            self._release(cost_s)
+
+    def _release(self, cost_s: float) -> None:
+        self.at_model_s = max(0.0, self.at_model_s - cost_s)
+        self.at_model -= 1
+        self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Grant waiters in order while they fit; the first that does not fit stops the line,
+        so a large request is never overtaken forever by small ones."""
+        while self._waiting:
+            head = self._waiting[0]
+            # Work larger than the whole budget (stored before the limits changed) runs alone.
+            fits = self.at_model_s + head.cost_s <= self.budget_s or self.at_model == 0
+            if not fits or self.at_model >= self.max_at_model:
+                return
+            self._waiting.pop(0)
+            self.at_model_s += head.cost_s
+            self.at_model += 1
+            head.granted.set_result(None)

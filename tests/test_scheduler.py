@@ -1,0 +1,150 @@
+"""ModelScheduler: work reaches the model only when it can finish in time, live requests first."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from t2i_task.scheduler import ModelScheduler, Priority
+
+
+async def hold(scheduler: ModelScheduler, cost_s: float, priority: Priority, order: list, name: str,
+               release: asyncio.Event) -> None:
+    async with scheduler.slot(cost_s, priority):
+        order.append(name)
+        await release.wait()
+
+
+async def settle() -> None:
+    for _ in range(5):
+        await asyncio.sleep(0)
+
+
+def run(coroutine):
+    return asyncio.run(coroutine)
+
+
+def test_work_is_handed_over_only_while_it_fits_the_budget():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=16)
+        order: list[str] = []
+        releases = {name: asyncio.Event() for name in "abc"}
+        tasks = [asyncio.create_task(hold(scheduler, 4, Priority.QUEUED, order, name, releases[name])) for name in "abc"]
+        await settle()
+        assert order == ["a", "b"] and scheduler.at_model_s == 8  # c (4 s more) would not finish in time
+        releases["a"].set()
+        await settle()
+        assert order == ["a", "b", "c"]
+        for event in releases.values():
+            event.set()
+        await asyncio.gather(*tasks)
+        assert scheduler.at_model_s == 0 and scheduler.at_model == 0
+
+    run(scenario())
+
+
+def test_live_requests_go_before_queued_processes_that_came_first():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=16)
+        order: list[str] = []
+        release = asyncio.Event()
+        first = asyncio.create_task(hold(scheduler, 8, Priority.QUEUED, order, "running", release))
+        await settle()
+        queued = asyncio.create_task(hold(scheduler, 5, Priority.QUEUED, order, "queued", release))
+        await settle()
+        live = asyncio.create_task(hold(scheduler, 5, Priority.LIVE, order, "live", release))
+        await settle()
+        assert order == ["running"]
+        # Queued processes do not count toward a live request's wait; the work handed over does.
+        assert scheduler.waiting_s(Priority.LIVE) == 8 + 5  # running + the live one waiting
+        assert scheduler.waiting_s(Priority.QUEUED) == 8 + 5 + 5
+        release.set()
+        await asyncio.gather(first, queued, live)
+        assert order == ["running", "live", "queued"]
+
+    run(scenario())
+
+
+def test_a_large_request_is_not_overtaken_by_smaller_ones_behind_it():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=16)
+        order: list[str] = []
+        release = {name: asyncio.Event() for name in ("a", "big", "small")}
+        tasks = [asyncio.create_task(hold(scheduler, 6, Priority.QUEUED, order, "a", release["a"]))]
+        await settle()
+        tasks.append(asyncio.create_task(hold(scheduler, 9, Priority.QUEUED, order, "big", release["big"])))
+        tasks.append(asyncio.create_task(hold(scheduler, 1, Priority.QUEUED, order, "small", release["small"])))
+        await settle()
+        assert order == ["a"]  # "small" would fit beside "a", but "big" came first
+        release["a"].set()
+        await settle()
+        assert order == ["a", "big", "small"]
+        for event in release.values():
+            event.set()
+        await asyncio.gather(*tasks)
+
+    run(scenario())
+
+
+def test_no_more_requests_than_max_at_model_and_a_request_above_the_budget_runs_alone():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=2)
+        order: list[str] = []
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(hold(scheduler, 1, Priority.QUEUED, order, str(i), release)) for i in range(3)]
+        tasks.append(asyncio.create_task(hold(scheduler, 30, Priority.QUEUED, order, "huge", release)))
+        await settle()
+        assert order == ["0", "1"]
+        release.set()
+        await asyncio.gather(*tasks)
+        assert order == ["0", "1", "2", "huge"]
+
+    run(scenario())
+
+
+def test_a_cancelled_waiter_leaves_the_line_and_frees_nothing_it_did_not_hold():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=16)
+        order: list[str] = []
+        release = {name: asyncio.Event() for name in ("a", "gone", "c")}
+        a = asyncio.create_task(hold(scheduler, 8, Priority.QUEUED, order, "a", release["a"]))
+        await settle()
+        gone = asyncio.create_task(hold(scheduler, 5, Priority.QUEUED, order, "gone", release["gone"]))
+        c = asyncio.create_task(hold(scheduler, 2, Priority.QUEUED, order, "c", release["c"]))
+        await settle()
+        assert order == ["a"]
+        gone.cancel()  # its client went away while it waited
+        await settle()
+        assert order == ["a", "c"] and scheduler.at_model_s == 10
+        release["a"].set()
+        release["c"].set()
+        await asyncio.gather(a, c)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert scheduler.at_model_s == 0 and scheduler.at_model == 0
+
+    run(scenario())
+
+
+def test_the_wait_a_live_request_is_told_grows_with_the_work_ahead_of_it():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=16)
+        assert scheduler.wait_s(6, Priority.LIVE) == 0
+        order: list[str] = []
+        release = asyncio.Event()
+        tasks = [asyncio.create_task(hold(scheduler, 6, Priority.LIVE, order, "a", release))]
+        await settle()
+        first = scheduler.wait_s(6, Priority.LIVE)
+        tasks.append(asyncio.create_task(hold(scheduler, 3, Priority.LIVE, order, "b", release)))
+        await settle()
+        second = scheduler.wait_s(6, Priority.LIVE)
+        assert (first, second) == (2, 5)
+        # Queued processes waiting change nothing for a live request.
+        tasks.append(asyncio.create_task(hold(scheduler, 4, Priority.QUEUED, order, "q", release)))
+        await settle()
+        assert scheduler.wait_s(6, Priority.LIVE) == 5
+        release.set()
+        await asyncio.gather(*tasks)
+
+    run(scenario())
