@@ -213,7 +213,8 @@ class Settings(_Section):
         if cost is None:
             return ""
         steps = self.defaults.num_inference_steps
-        side = largest_square(cost.max_pixels(steps, 1, self.model_call_budget_s))
+        side = min(largest_square(cost.max_pixels(steps, 1, self.model_call_budget_s)), self.limits.max_width,
+                   self.limits.max_height)
         return (f"Size, steps and images are also bounded together: a request must finish within "
                 f"{self.model_call_budget_s:g} s here, e.g. one image at {steps} steps is at most {side}x{side}.")
 

@@ -68,10 +68,13 @@ def test_when_nothing_fits_the_message_says_so():
 
 
 def test_the_published_schema_states_the_cost_limit():
-    schema = settings().parameters_model.model_json_schema()["properties"]
+    schema = settings(num_inference_steps=50).parameters_model.model_json_schema()["properties"]
     for field in ("width", "height", "num_inference_steps", "num_images_per_prompt"):
-        assert "must finish within 16 s here, e.g. one image at 10 steps is at most 1264x1264" in schema[field]["description"]
+        assert "must finish within 16 s here, e.g. one image at 50 steps is at most 560x560" in schema[field]["description"]
     assert "must finish" not in schema["guidance_scale"]["description"]
+    # Where the field limits bind first, the example stays within them.
+    width = settings().parameters_model.model_json_schema()["properties"]["width"]["description"]
+    assert "one image at 10 steps is at most 1024x1024" in width
 
 
 def test_an_uncalibrated_model_has_only_the_field_limits():
