@@ -8,15 +8,19 @@ PORT ?= 3000
 # BentoML's usage tracking would try the network on every command.
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install serve test test-repeat fuzz bento bench bench-runner loadtest demo-model clean
+.PHONY: install serve test test-repeat fuzz calibrate bento container smoke bench bench-runner loadtest demo-model clean
 
 install: $(INSTALLED)
 
 # Re-installs whenever pyproject.toml or requirements.txt changes. torch is pinned there to the
 # CPU wheel that lies on this project's machines (see README, Installing).
-$(INSTALLED): pyproject.toml requirements.txt
+# The second pip installs the DashAI plugin (integrations/dashai) and, for its tests, DashAI's
+# own base classes without DashAI's dependencies (several GB; the few its model classes
+# import are in the dev extra).
+$(INSTALLED): pyproject.toml requirements.txt integrations/dashai/pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps dashai==0.10.0 -e ./integrations/dashai
 	touch $@
 
 # Serves configuration.yaml's model on http://127.0.0.1:$(PORT) (PORT=8080 make serve).
@@ -40,6 +44,24 @@ fuzz: install
 # A Bento (code, configuration, model, GPU Dockerfile) in $$BENTOML_HOME/bentos/.
 bento: install
 	$(VENV)/bin/bentoml build
+
+# The Bento's Docker image (docs/deployment.md): VARIANT=cpu (CPU-only torch) or gpu (CUDA
+# torch), tagged IMAGE. BASE_IMAGE replaces python:3.11-slim, e.g. t2i-base:bookworm made by
+# deploy/base-image.sh where no image registry is reachable.
+VARIANT ?= cpu
+IMAGE ?= t2i-task:$(VARIANT)
+BASE_IMAGE ?=
+container: bento
+	BASE_IMAGE=$(BASE_IMAGE) deploy/container.sh $(VARIANT) $(IMAGE)
+
+# Builds the image, serves it with a volume, generates one picture, checks `docker stop` drains.
+smoke: install
+	VARIANT=$(VARIANT) BASE_IMAGE=$(BASE_IMAGE) deploy/smoke.sh
+
+# Measures what a generation costs on this machine and rewrites model.cost in the configuration
+# (T2I_CONFIG for another file): the cost limit and the scheduler follow it (README, Limits).
+calibrate: install
+	$(PY) -m t2i_task.calibrate
 
 # Bare-pipeline ceiling, then the real server at concurrency 1, 4, 16, 64:
 # prints a table, writes bench/results.json and .png, updates docs/benchmarks.md.

@@ -1,0 +1,1 @@
+"""A DashAI model plugin whose images are made on a t2i-task inference server."""

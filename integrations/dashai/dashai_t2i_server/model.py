@@ -1,0 +1,136 @@
+"""The DashAI model: DashAI's form and `generate(prompt)`, with the work done on the server.
+
+DashAI builds a model's form from its `SCHEMA` when it starts. This one asks
+the server at T2I_SERVER_URL for its default model's limits and defaults then,
+so the form offers what the server accepts; if the server cannot be reached at
+that moment the form carries the limits of the server's shipped configuration
+(`SHIPPED_FORM`). The server judges every request either way: a value it
+refuses comes back as its own sentence naming the field.
+
+The API key is read from T2I_API_KEY in DashAI's environment, never from the
+form: DashAI stores session parameters, and their history, in plain text.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Optional
+
+from DashAI.back.core.schema_fields import float_field, int_field, schema_field, string_field
+from DashAI.back.core.schema_fields.base_schema import BaseSchema
+from DashAI.back.core.utils import MultilingualString
+from DashAI.back.models.text_to_image_generation_model import TextToImageGenerationTaskModel
+from PIL import Image
+from pydantic import create_model
+
+from dashai_t2i_server.client import InferenceServer, ServerError, configured_url
+
+log = logging.getLogger(__name__)
+
+# The generation parameters the server takes, with the bounds and defaults of its shipped
+# configuration (configuration.yaml of t2i-task 0.1.0; a test keeps the two equal).
+SHIPPED_FORM: dict[str, dict[str, Any]] = {
+    "num_inference_steps": {"minimum": 1, "maximum": 50, "placeholder": 10},
+    "guidance_scale": {"minimum": 0.0, "maximum": 30.0, "placeholder": 3.0},
+    "negative_prompt": {"maxLength": 1000, "placeholder": ""},
+    "width": {"minimum": 32, "maximum": 512, "placeholder": 32},
+    "height": {"minimum": 32, "maximum": 512, "placeholder": 32},
+    "seed": {"minimum": -1, "maximum": 2**63 - 1, "placeholder": -1},
+    "num_images_per_prompt": {"minimum": 1, "maximum": 4, "placeholder": 1},
+}
+GENERATION_FIELDS = tuple(SHIPPED_FORM)
+
+DESCRIPTIONS = {
+    "server_url": "Address of the t2i-task inference server that makes the images (default: T2I_SERVER_URL "
+                  "in DashAI's environment). Its API key, if it has keys, comes from T2I_API_KEY there.",
+    "model": "Model on the server; leave empty for the server's default model.",
+    "num_inference_steps": "Denoising steps: more is slower and finer.",
+    "guidance_scale": "How closely the image follows the prompt (0: ignore it).",
+    "negative_prompt": "What the image should not show (empty: nothing).",
+    "width": "Image width in pixels, a multiple of 8.",
+    "height": "Image height in pixels, a multiple of 8.",
+    "seed": "-1 draws a random seed; a fixed seed gives the same image for the same settings.",
+    "num_images_per_prompt": "Images made for the prompt.",
+}
+
+
+def server_form() -> dict[str, dict[str, Any]]:
+    """Bounds and defaults of the server's default model, or the shipped ones if it cannot be asked."""
+    server = InferenceServer(configured_url(), os.environ.get("T2I_API_KEY"), retries=0, call_timeout_s=3)
+    try:
+        properties = server.model_form()["schema"]["properties"]
+    except (ServerError, KeyError, TypeError, ValueError) as exc:
+        log.warning("DashAI form of the inference server model: the shipped limits (%s)", exc)
+        return SHIPPED_FORM
+    finally:
+        server.close()
+    keys = ("minimum", "maximum", "maxLength", "placeholder")
+    return {name: {key: properties[name][key] for key in keys if key in properties.get(name, {})} or shipped
+            for name, shipped in SHIPPED_FORM.items()}
+
+
+def _field(kind, name: str, form: dict[str, Any], **bounds):
+    return schema_field(kind(**bounds), placeholder=form["placeholder"], description=MultilingualString(
+        en=DESCRIPTIONS[name]), alias=MultilingualString(en=name.replace("_", " ").capitalize()))
+
+
+def build_schema(form: dict[str, dict[str, Any]]) -> type[BaseSchema]:
+    """DashAI's form for the server's parameters, with the bounds in `form`."""
+
+    def bounded(name: str, kind, **extra):
+        spec = form[name]
+        return _field(kind, name, spec, ge=spec.get("minimum"), le=spec.get("maximum"), **extra), ...
+
+    def text(name: str, placeholder: str):
+        return Optional[_field(string_field, name, {"placeholder": placeholder})], None
+
+    return create_model(
+        "InferenceServerSchema",
+        __base__=BaseSchema,
+        __doc__="A text-to-image model served by a t2i-task inference server, and its generation parameters.",
+        server_url=(_field(string_field, "server_url", {"placeholder": configured_url()}), configured_url()),
+        model=text("model", ""),
+        num_inference_steps=bounded("num_inference_steps", int_field),
+        guidance_scale=bounded("guidance_scale", float_field),
+        negative_prompt=text("negative_prompt", ""),
+        width=bounded("width", int_field, multiple_of=8),
+        height=bounded("height", int_field, multiple_of=8),
+        seed=bounded("seed", int_field),
+        num_images_per_prompt=bounded("num_images_per_prompt", int_field),
+    )
+
+
+class InferenceServerModel(TextToImageGenerationTaskModel):
+    """Text to image on a t2i-task inference server: DashAI sends the prompt, the server makes the images."""
+
+    SCHEMA = build_schema(server_form())
+    REQUIRES_DOWNLOAD = False  # nothing runs on DashAI's machine: it is ready as soon as it is installed
+    DISPLAY_NAME = MultilingualString(
+        en="Text to image on an inference server",
+        es="Texto a imagen en un servidor de inferencia",
+        pt="Texto para imagem em um servidor de inferência",
+        de="Text zu Bild auf einem Inferenzserver",
+        zh="推理服务器上的文本生成图像",
+    )
+    DESCRIPTION = MultilingualString(
+        en="Generates images on a t2i-task inference server (T2I_SERVER_URL): the model is loaded there once, "
+           "in fp16 on a GPU when it has one, and shared with other users in batches. Nothing is downloaded or "
+           "run on this machine.",
+        es="Genera imágenes en un servidor de inferencia t2i-task (T2I_SERVER_URL): el modelo se carga allí una "
+           "vez y se comparte en lotes. En esta máquina no se descarga ni ejecuta nada.",
+    )
+
+    def __init__(self, **kwargs: Any) -> None:
+        params = self.validate_and_transform(kwargs)
+        self.server = InferenceServer(
+            params.get("server_url") or configured_url(),
+            os.environ.get("T2I_API_KEY"),
+            max_wait_s=float(os.environ.get("T2I_MAX_WAIT_S") or 1800),
+        )
+        self.model = params.get("model") or None
+        self.parameters = {name: params[name] for name in GENERATION_FIELDS if params.get(name) is not None}
+
+    def generate(self, input: str) -> list[Image.Image]:
+        """The server's images for the prompt, in order. Raises ServerError with a sentence to show."""
+        return self.server.generate(input, self.model, self.parameters)
