@@ -73,7 +73,7 @@ class ModelScheduler:
             if waiter in self._waiting:
                 self._waiting.remove(waiter)
                 self._hand_over()  # the work behind it may fit now
-            elif waiter.granted.done() and not waiter.granted.cancelled():
+            elif not waiter.granted.cancelled():
                 self._release(cost_s)  # granted just as it was cancelled
             raise
         try:
@@ -91,6 +91,9 @@ class ModelScheduler:
         so a large request is never overtaken forever by small ones."""
         while self._waiting:
             head = self._waiting[0]
+            if head.granted.cancelled():  # its task is unwinding; it holds nothing
+                self._waiting.pop(0)
+                continue
             # Work larger than the whole budget (stored before the limits changed) runs alone.
             fits = self.at_model_s + head.cost_s <= self.budget_s or self.at_model == 0
             if not fits or self.at_model >= self.max_at_model:

@@ -148,3 +148,20 @@ def test_the_wait_a_live_request_is_told_grows_with_the_work_ahead_of_it():
         await asyncio.gather(*tasks)
 
     run(scenario())
+
+
+def test_a_waiter_cancelled_just_before_its_turn_is_skipped_not_granted():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=16)
+        order: list[str] = []
+        held = scheduler.slot(8, Priority.QUEUED)
+        await held.__aenter__()
+        gone = asyncio.create_task(hold(scheduler, 3, Priority.QUEUED, order, "gone", asyncio.Event()))
+        await settle()  # it waits: 8 + 3 s do not fit
+        gone.cancel()  # its client left; before its task unwinds, the room it waited for frees up
+        await held.__aexit__(None, None, None)
+        with pytest.raises(asyncio.CancelledError):
+            await gone
+        assert order == [] and scheduler.at_model_s == 0 and scheduler.at_model == 0
+
+    run(scenario())
