@@ -20,6 +20,8 @@ import os
 import time
 from typing import Any
 
+from urllib.parse import urlsplit
+
 import httpx
 from PIL import Image
 
@@ -31,7 +33,17 @@ MAX_RETRY_AFTER_S = 60.0
 
 
 class ServerError(RuntimeError):
-    """A failure, told in words a DashAI user can act on."""
+    """A failure, told in words a DashAI user can act on.
+
+    DashAI 0.10.0 shows a text-to-image process's output rows through
+    `os.path.basename` (they are meant to be image file names), which cuts a
+    message after its last "/". So messages name the server by host:port, and
+    any "/" passed through (a server's sentence) becomes "∕" (U+2215), which
+    reads the same and survives.
+    """
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message.replace("/", "\u2215"))
 
 
 def configured_url() -> str:
@@ -76,6 +88,7 @@ class InferenceServer:
         poll_interval_s: float = 0.5,
     ) -> None:
         self.url = url.rstrip("/")
+        self.where = urlsplit(self.url).netloc or self.url  # host:port, what messages name
         self.api_key = api_key or None
         self.max_wait_s, self.retries, self.call_timeout_s = max_wait_s, retries, call_timeout_s
         self.poll_interval_s = poll_interval_s
@@ -91,16 +104,16 @@ class InferenceServer:
             try:
                 response = self._http.request(method, path, **kwargs)
             except httpx.TimeoutException as exc:
-                raise ServerError(f"The inference server at {self.url} did not answer {method} {path} within "
+                raise ServerError(f"The inference server at {self.where} did not answer within "
                                   f"{self.call_timeout_s:g} s.") from exc
             except httpx.TransportError as exc:
-                raise ServerError(f"Cannot reach the inference server at {self.url} ({type(exc).__name__}: {exc}). "
+                raise ServerError(f"Cannot reach the inference server at {self.where} ({type(exc).__name__}: {exc}). "
                                   "Is it running, and is T2I_SERVER_URL right?") from exc
             status = response.status_code
             if status in (401, 403):
                 problem = ("is missing: set T2I_API_KEY in DashAI's environment" if not self.api_key
                            else "in T2I_API_KEY is wrong: check it against the server's keys")
-                raise ServerError(f"The inference server at {self.url} refused the request ({status}): "
+                raise ServerError(f"The inference server at {self.where} refused the request ({status}): "
                                   f"the API key {problem}.")
             if status in (429, 503):
                 wait = _retry_after(response)
@@ -108,10 +121,10 @@ class InferenceServer:
                 if attempt <= self.retries and in_time:
                     time.sleep(wait)
                     continue
-                raise ServerError(f"The inference server at {self.url} is busy ({status}: {_detail(response)}); "
+                raise ServerError(f"The inference server at {self.where} is busy ({status}: {_detail(response)}); "
                                   f"gave up after {attempt} {'try' if attempt == 1 else 'tries'}.")
             if status >= 400:
-                raise ServerError(f"The inference server at {self.url} refused the request ({status}): "
+                raise ServerError(f"The inference server at {self.where} refused the request ({status}): "
                                   f"{_detail(response)}")
             return response
         raise AssertionError("unreachable")
@@ -122,14 +135,14 @@ class InferenceServer:
         """The served model's DashAI component (name and parameter schema); None: the default model."""
         served = self.request("GET", "/api/v1/component/", params={"related_component": TASK}).json()
         if not served:
-            raise ServerError(f"The inference server at {self.url} serves no text-to-image model.")
+            raise ServerError(f"The inference server at {self.where} serves no text-to-image model.")
         if model is None:
             return served[0]
         for component in served:
             if component["name"] == model:
                 return component
         names = ", ".join(component["name"] for component in served)
-        raise ServerError(f"The inference server at {self.url} does not serve the model {model!r}; it serves: {names}.")
+        raise ServerError(f"The inference server at {self.where} does not serve the model {model!r}; it serves: {names}.")
 
     # Generating
 
@@ -146,7 +159,7 @@ class InferenceServer:
         for session in self.request("GET", "/api/v1/generative-session/", deadline).json():
             if session["name"] == name:
                 return session["id"]
-        raise ServerError(f"The inference server at {self.url} has a session named {name!r} but does not list it.")
+        raise ServerError(f"The inference server at {self.where} has a session named {name!r} but does not list it.")
 
     def generate(self, prompt: str, model: str | None, parameters: dict[str, Any]) -> list[Image.Image]:
         """The images the server makes for `prompt`, in order; waits at most `max_wait_s` in all."""
@@ -158,7 +171,7 @@ class InferenceServer:
         process = self._wait_until_ended(process, deadline)
         if process["status"] == ERROR:
             reasons = [row["data"].removeprefix("Error details: ") for row in process["output"]]
-            raise ServerError(f"The inference server at {self.url} could not generate the images "
+            raise ServerError(f"The inference server at {self.where} could not generate the images "
                               f"(process {process['id']}): {'; '.join(reasons) or 'no reason given'}")
         return [self._image(row["data"], deadline) for row in process["output"]]
 
@@ -167,7 +180,7 @@ class InferenceServer:
         while process["status"] not in (FINISHED, ERROR):
             if time.monotonic() + interval > deadline:
                 raise ServerError(f"Gave up after {self.max_wait_s:g} s waiting for process {process['id']} on the "
-                                  f"inference server at {self.url}; it may still finish there (T2I_MAX_WAIT_S sets "
+                                  f"inference server at {self.where}; it may still finish there (T2I_MAX_WAIT_S sets "
                                   "the limit).")
             time.sleep(interval)
             interval = min(interval * 1.5, 2.0)
