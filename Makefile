@@ -8,7 +8,7 @@ PORT ?= 3000
 # BentoML's usage tracking would try the network on every command.
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install serve test test-repeat fuzz calibrate bento container smoke bench bench-runner loadtest demo-model clean
+.PHONY: install serve test test-dashai test-repeat fuzz migration calibrate bento container smoke bench bench-runner loadtest demo-model clean
 
 install: $(INSTALLED)
 
@@ -29,6 +29,15 @@ serve: install
 
 test: install
 	$(PY) -m pytest
+
+# DashAI 0.10.0 itself with the plugin, against this server (docs/dashai-plugin.md); not in
+# `make test`: DashAI's install is about 8 GB. Makes $(DASHAI_VENV) if missing (torch 2.14.1 and
+# torchvision 0.29.1, then dashai==0.10.0; minutes), reinstalls the plugin there, starts this
+# server and DashAI (port 8000), generates through DashAI's REST API, then stops this server and
+# checks DashAI's next process fails naming it. Prints timings; exits non-zero on any failure.
+DASHAI_VENV ?= .venv-dashai
+test-dashai: install
+	$(PY) integrations/dashai/e2e.py --venv $(DASHAI_VENV)
 
 # The whole suite N times on a fresh clone of HEAD, with BUSY cores kept busy meanwhile:
 # prints each run's counts, time and failed tests (make test-repeat N=3 BUSY=2).
@@ -57,6 +66,11 @@ container: bento
 # Builds the image, serves it with a volume, generates one picture, checks `docker stop` drains.
 smoke: install
 	VARIANT=$(VARIANT) BASE_IMAGE=$(BASE_IMAGE) deploy/smoke.sh
+
+# A new schema migration from the models' changes (t2i_task/migrations/versions/; read it
+# before committing): make migration MESSAGE="add the progress columns"
+migration: install
+	$(PY) -m t2i_task.schema "$(MESSAGE)"
 
 # Measures what a generation costs on this machine and rewrites model.cost in the configuration
 # (T2I_CONFIG for another file): the cost limit and the scheduler follow it (README, Limits).

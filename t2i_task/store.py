@@ -24,8 +24,8 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
+from t2i_task import schema
 from t2i_task.models import (
-    Base,
     GenerativeProcess,
     GenerativeSession,
     GenerativeSessionParameterHistory,
@@ -115,7 +115,7 @@ class Store:
         self.engine = _create_engine(database_url)
         self.images_dir = Path(images_dir)
         self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
-        Base.metadata.create_all(self.engine)
+        schema.upgrade(self.engine)  # Alembic migrations: t2i_task/migrations/
 
     def close(self) -> None:
         self.engine.dispose()

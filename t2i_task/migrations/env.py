@@ -1,0 +1,10 @@
+"""Alembic's entry point: run by t2i_task/schema.py on the connection it is given (no alembic.ini)."""
+
+from alembic import context
+
+from t2i_task.models import Base
+
+connection = context.config.attributes["connection"]
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+with context.begin_transaction():
+    context.run_migrations()

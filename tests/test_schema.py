@@ -1,0 +1,74 @@
+"""The schema moves by Alembic migrations, and a database made by release 0.1.0 upgrades in place."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import create_engine, inspect
+
+from t2i_task.models import Base, RunStatus
+from t2i_task.schema import current_revision, head_revision
+from t2i_task.store import Store
+
+FIXTURES = Path(__file__).with_name("fixtures")
+
+
+def make_release_0_1_0_database(url: str) -> None:
+    """The tables and rows exactly as release 0.1.0 left them (its own DDL, no alembic_version)."""
+    dialect = "postgresql" if url.startswith("postgresql") else "sqlite"
+    lines = (FIXTURES / f"release-0.1.0-{dialect}.sql").read_text().splitlines()
+    script = "\n".join(line for line in lines if not line.startswith("--"))
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        for statement in filter(None, (part.strip() for part in script.split(";\n"))):
+            connection.exec_driver_sql(statement.removesuffix(";"))
+    engine.dispose()
+
+
+def test_a_release_0_1_0_database_upgrades_in_place_with_its_data(database_url, tmp_path):
+    make_release_0_1_0_database(database_url)
+    images = tmp_path / "images"
+    images.mkdir()
+    (images / "made-by-0.1.0.png").write_bytes(b"\x89PNG old picture")
+
+    store = Store(database_url, images)
+    try:
+        with store.engine.connect() as connection:
+            assert current_revision(connection) == head_revision()
+        session = store.get_session(1)
+        assert session.name == "before the upgrade" and session.parameters["seed"] == 42
+        finished, failed = store.get_process(1), store.get_process(2)
+        assert finished.status is RunStatus.FINISHED and failed.status is RunStatus.ERROR
+        assert [row.data for row in finished.output] == ["made-by-0.1.0.png"]
+        assert [row.data for row in failed.output] == ["Error details: out of memory"]
+        assert (images / "made-by-0.1.0.png").read_bytes() == b"\x89PNG old picture"
+        # New rows go after the old ones (the sequences were carried over).
+        new = store.create_session(task_name="TextToImageGenerationTask", name="after the upgrade", parameters={})
+        assert new.id == 2
+    finally:
+        store.close()
+
+
+def test_the_migrations_build_exactly_the_models_schema(database_url, tmp_path):
+    store = Store(database_url, tmp_path / "images")
+    try:
+        with store.engine.connect() as connection:
+            assert current_revision(connection) == head_revision()
+            differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+        assert differences == [], "a model changed without a migration: make migration MESSAGE=..."
+    finally:
+        store.close()
+
+
+def test_opening_an_up_to_date_database_changes_nothing(database_url, tmp_path):
+    Store(database_url, tmp_path / "images").close()
+    store = Store(database_url, tmp_path / "images")
+    try:
+        with store.engine.connect() as connection:
+            assert current_revision(connection) == head_revision()
+            assert set(inspect(connection).get_table_names()) == {
+                "alembic_version", "generative_session", "parameter_history", "generative_process", "process_data"}
+    finally:
+        store.close()
