@@ -19,6 +19,7 @@ A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
 from __future__ import annotations
 
 import asyncio
+import logging
 
 import aiohttp
 import bentoml
@@ -38,7 +39,9 @@ from t2i_task.store import Store
 from t2i_task.task import TextToImageGenerationTask
 
 settings = load_settings()
+logger = logging.getLogger("t2i.service")
 MODEL_READY_POLL_S = 0.5
+CANCEL_TIMEOUT_S = 5  # a cancel answers even if the model service does not
 
 
 class GeneratedImages(BaseModel):
@@ -93,6 +96,13 @@ class DiffusionService:
             for request, result in zip(requests, self.runner.generate(requests))
         ]
 
+    @bentoml.api
+    async def cancel(self, jobs: list[int]) -> bool:
+        """Stop the running call at its next step if all its jobs are cancelled. Async, so it runs
+        on the worker's event loop while `generate` holds the worker's one sync thread."""
+        self.runner.cancel(jobs)
+        return True
+
 
 app = FastAPI(
     title="t2i-task",
@@ -115,7 +125,7 @@ class TextToImageService:
     def __init__(self) -> None:
         store = Store(settings.storage.database_url, settings.storage.images_dir)
         task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
-        self.queue = ProcessQueue(store, task, settings, self.call_model)
+        self.queue = ProcessQueue(store, task, settings, self.call_model, self.cancel_at_model)
         self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None
@@ -155,6 +165,14 @@ class TextToImageService:
             # at once) or restarting after a crash.
             raise ModelUnavailable(f"The model service is unavailable ({type(exc).__name__}).") from exc
         return GenerationResult(images=generated.images(), seeds=generated.seeds, error=generated.error)
+
+    async def cancel_at_model(self, jobs: list[int]) -> None:
+        """Tell the model service these jobs are cancelled; if it cannot be reached, their call
+        simply runs to its end and its images are dropped."""
+        try:
+            await asyncio.wait_for(self.diffusion.to_async.cancel(jobs), CANCEL_TIMEOUT_S)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("could not tell the model service to cancel %s: %s", jobs, type(exc).__name__)
 
 
 # In this order, outermost first: CORS answers browsers' preflights (they carry no key),

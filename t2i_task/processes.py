@@ -23,7 +23,7 @@ from anyio import to_thread
 from pydantic import ValidationError
 
 from t2i_task.config import GenerationParameters, Settings
-from t2i_task.models import GenerativeProcess
+from t2i_task.models import GenerativeProcess, RunStatus
 from t2i_task.runner import GenerationRequest, GenerationResult
 from t2i_task.scheduler import ModelScheduler, Priority
 from t2i_task.store import Store
@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 SWEEP_INTERVAL_S = 15
 
 ModelCall = Callable[[GenerationRequest], Awaitable[GenerationResult]]
+ModelCancel = Callable[[list[int]], Awaitable[None]]
+CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
 
 class QueueFull(Exception):
@@ -52,6 +54,10 @@ class ShuttingDown(Exception):
 class ModelUnavailable(Exception):
     """The model service cannot be reached (it is stopping, or restarting after a crash):
     not the process's fault, so a queued process goes back to the queue."""
+
+
+class ProcessEnded(Exception):
+    """The process has already ended, or cannot be cancelled from here."""
 
 
 class GenerationFailed(Exception):
@@ -74,8 +80,15 @@ def describe_failure(exc: BaseException) -> str:
 
 
 class ProcessQueue:
-    def __init__(self, store: Store, task: TextToImageGenerationTask, settings: Settings, call_model: ModelCall) -> None:
-        self.store, self.task, self.call_model = store, task, call_model
+    def __init__(
+        self,
+        store: Store,
+        task: TextToImageGenerationTask,
+        settings: Settings,
+        call_model: ModelCall,
+        cancel_at_model: ModelCancel | None = None,
+    ) -> None:
+        self.store, self.task, self.call_model, self.cancel_at_model = store, task, call_model, cancel_at_model
         self.serving = settings.serving
         self.model_name = settings.model.name
         self.cost = settings.model.cost
@@ -88,6 +101,8 @@ class ProcessQueue:
         self.pending: dict[int, asyncio.Task] = {}
         self.answering = 0  # synchronous generations (OpenAI calls) admitted and not yet answered
         self.in_hand: set[int] = set()  # their process ids, once stored
+        self.at_model: set[int] = set()  # processes whose call the model service holds
+        self.cancelling: set[int] = set()  # processes being cancelled: they end ERROR "cancelled"
         # Held while new processes are stored and registered, and while the
         # sweep decides what is lost: the sweep never takes a process that is
         # being stored or generated here.
@@ -203,11 +218,16 @@ class ProcessQueue:
                 height=params.height,
                 seed=params.seed,
                 num_images=params.num_images_per_prompt,
+                job=process.id,
             )
             async with self.scheduler.slot(self.cost_s(params), priority):
                 await self.db(self.store.start_process, process.id)
                 started = True
-                generated = await self.call_model(request)
+                self.at_model.add(process.id)
+                try:
+                    generated = await self.call_model(request)
+                finally:
+                    self.at_model.discard(process.id)
             if generated.error:
                 raise GenerationFailed(generated.error)
             provenance = [
@@ -232,7 +252,9 @@ class ProcessQueue:
             self.store.remove_images(name for name, _ in saved)
             try:
                 stopping = isinstance(exc, (asyncio.CancelledError, ModelUnavailable)) or self.draining
-                if stopping and requeue_if_stopped:
+                if process.id in self.cancelling:
+                    await self.db(self.store.fail_process, process.id, CANCELLED)
+                elif stopping and requeue_if_stopped:
                     if started:
                         await self.db(self.store.deliver_process, process.id)
                 else:
@@ -240,6 +262,32 @@ class ProcessQueue:
             except Exception:  # already ended, or the database gone: the sweep retries
                 log.exception("could not record the outcome of process %s", process.id)
             raise
+
+    async def cancel(self, process_id: int) -> GenerativeProcess:
+        """End a process as ERROR "cancelled": a queued one never starts, a running one's images
+        are never written, and the model stops its call at the next step if nothing else in
+        that call is wanted. Raises ProcessEnded for a process that has already ended."""
+        process = await self.db(self.store.get_process, process_id)
+        if process.status in (RunStatus.FINISHED, RunStatus.ERROR):
+            raise ProcessEnded(f"Process {process_id} has already ended ({process.status.name}); nothing to cancel.")
+        if process_id in self.in_hand:
+            raise ProcessEnded(f"Process {process_id} answers a live request (OpenAI API), whose client holds it; "
+                               "it cannot be cancelled here.")
+        job = self.pending.get(process_id)
+        if job is None:  # queued by another replica, or lost: its owner finds it ended
+            return await self.db(self.store.fail_process, process_id, CANCELLED)
+        self.cancelling.add(process_id)
+        try:
+            if process_id in self.at_model and self.cancel_at_model is not None:
+                await self.cancel_at_model([process_id])
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)  # generate() records the cancellation
+        finally:
+            self.cancelling.discard(process_id)
+        process = await self.db(self.store.get_process, process_id)
+        if process.status is RunStatus.FINISHED:  # it ended just before the cancel reached it
+            raise ProcessEnded(f"Process {process_id} has already ended (FINISHED); nothing to cancel.")
+        return process
 
     # Start, sweep, stop
 

@@ -49,6 +49,7 @@ class GenerationRequest(BaseModel):
     height: int = Field(ge=8, multiple_of=8)
     seed: int | None = Field(default=None, ge=RANDOM_SEED, le=MAX_SEED, description="None or -1: random.")
     num_images: int = Field(default=1, ge=1)
+    job: int | None = Field(default=None, description="Who asked (a process id): what `cancel` names.")
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
@@ -63,6 +64,10 @@ class GenerationResult:
     images: list[Image.Image] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     error: str | None = None  # why this request failed, even when run alone
+
+
+class Cancelled(RuntimeError):
+    """Every job of a call was cancelled before it started."""
 
 
 class RuntimeUnavailable(RuntimeError):
@@ -179,6 +184,9 @@ class DiffusionRunner:
         self._optimize(runtime.compile)
         self.load_seconds = time.perf_counter() - started
         self.max_images_per_call = max_images_per_call
+        # Jobs whose images nobody wants any more; a call made only of such jobs stops at its
+        # next step. Written by `cancel` from another thread while a call runs.
+        self._cancelled: set[int] = set()
         log.info(
             "loaded %s on %s (%s, %s attention) in %.2fs",
             model_path, self.placement.device, self.placement.dtype, self.placement.attention, self.load_seconds,
@@ -213,6 +221,19 @@ class DiffusionRunner:
                                          "use 'auto' or false") from exc
             log.warning("running the UNet uncompiled: torch.compile failed (%s)", reason)
 
+    def cancel(self, jobs: Sequence[int]) -> None:
+        """Stop the running call at its next step if every job in it is cancelled; a call that
+        still has a wanted job goes on untouched, so its images stay the same."""
+        self._cancelled.update(jobs)
+
+    def _stop_if_unwanted(self, jobs: frozenset[int | None]):
+        def on_step_end(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+            if jobs <= self._cancelled:
+                pipeline._interrupt = True  # diffusers skips the remaining steps
+            return callback_kwargs
+
+        return on_step_end
+
     def generate(self, requests: Sequence[GenerationRequest]) -> list[GenerationResult]:
         """Images for each request, in request order.
 
@@ -243,6 +264,10 @@ class DiffusionRunner:
         and each request in it runs alone, so one bad request does not fail the others."""
         try:
             images = self._call([requests[index] for index, _ in part], [seed for _, seed in part])
+        except Cancelled as exc:  # nobody wants these images: nothing to retry
+            for index, _ in part:
+                results[index].error = f"{type(exc).__name__}: {exc}"
+            return
         except Exception as exc:
             self._free_memory()
             owners = list(dict.fromkeys(index for index, _ in part))
@@ -271,18 +296,31 @@ class DiffusionRunner:
 
     def _call(self, requests: list[GenerationRequest], seeds: list[int]) -> list[Image.Image]:
         """One pipeline call: one image per (request, seed) pair."""
-        first = requests[0]
         generators = [torch.Generator(device=self.placement.device).manual_seed(seed) for seed in seeds]
+        jobs = frozenset(r.job for r in requests)
         with self._lock, torch.inference_mode():
-            output = self.pipeline(
-                prompt=[r.prompt for r in requests],
-                negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in requests],
-                num_inference_steps=first.num_inference_steps,
-                guidance_scale=first.guidance_scale,
-                width=first.width,
-                height=first.height,
-                num_images_per_prompt=1,
-                generator=generators,
-                output_type="pil",
-            )
-        return output.images
+            try:
+                if jobs <= self._cancelled:  # cancelled while it waited for the pipeline
+                    raise Cancelled(f"jobs {sorted(jobs)} were cancelled")
+                images = self._pipeline_call(requests, generators, jobs).images
+                if getattr(self.pipeline, "_interrupt", False):  # stopped part-way: no usable image
+                    raise Cancelled(f"jobs {sorted(jobs)} were cancelled")
+                return images
+            finally:
+                self._cancelled -= jobs
+
+    def _pipeline_call(self, requests: list[GenerationRequest], generators: list, jobs: frozenset[int | None]):
+        first = requests[0]
+        return self.pipeline(
+            prompt=[r.prompt for r in requests],
+            negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in requests],
+            num_inference_steps=first.num_inference_steps,
+            guidance_scale=first.guidance_scale,
+            width=first.width,
+            height=first.height,
+            num_images_per_prompt=1,
+            generator=generators,
+            output_type="pil",
+            # Only calls whose jobs can all be cancelled pay for a check at each step.
+            callback_on_step_end=self._stop_if_unwanted(jobs) if None not in jobs else None,
+        )

@@ -294,3 +294,51 @@ def test_a_compiler_that_fails_is_a_startup_error_when_forced_and_a_logged_fallb
     assert "running the UNet uncompiled: torch.compile failed (RuntimeError: inductor" in caplog.text
     [result] = runner.generate([request()])
     assert result.error is None and len(result.images) == 1
+
+
+def test_a_call_whose_jobs_are_all_cancelled_stops_at_the_next_step(runner, monkeypatch):
+    steps: list[int] = []
+    stop_unwanted = runner._stop_if_unwanted
+
+    def cancel_at_step_two(jobs):  # the cancel arrives, from another thread, while step 2 runs
+        check = stop_unwanted(jobs)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            steps.append(step)
+            if step == 1:
+                runner.cancel([11])
+            return check(pipeline, step, timestep, callback_kwargs)
+
+        return on_step_end
+
+    monkeypatch.setattr(runner, "_stop_if_unwanted", cancel_at_step_two)
+    [result] = runner.generate([request(num_inference_steps=50, job=11)])
+    assert steps == [0, 1] and result.error.startswith("Cancelled") and not result.images
+
+    runner.cancel([12])  # before its call: it never starts
+    steps.clear()
+    [result] = runner.generate([request(job=12)])
+    assert steps == [] and result.error.startswith("Cancelled")
+    # Nothing of either stays cancelled: the ids may run again.
+    assert runner._cancelled == set()
+
+
+def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
+    alone = runner.generate([request(prompt="a white circle", seed=7, num_inference_steps=4, job=21)])[0]
+    stop_unwanted = runner._stop_if_unwanted
+
+    def cancel_one_at_step_one(jobs):
+        check = stop_unwanted(jobs)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            if step == 0:
+                runner.cancel([23])
+            return check(pipeline, step, timestep, callback_kwargs)
+
+        return on_step_end
+
+    monkeypatch.setattr(runner, "_stop_if_unwanted", cancel_one_at_step_one)
+    kept, _ = runner.generate([request(prompt="a white circle", seed=7, num_inference_steps=4, job=22),
+                               request(prompt="noise", seed=8, num_inference_steps=4, job=23)])
+    assert kept.error is None
+    assert np.abs(pixels(alone.images[0]) - pixels(kept.images[0])).max() <= BATCH_TOLERANCE

@@ -7,6 +7,7 @@ reason). The images are served by name from the images folder.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from datetime import datetime
 from pathlib import Path
@@ -22,6 +23,7 @@ from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, validation_error
 from t2i_task.config import CleanText, GenerationParameters, ParameterError
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
+from t2i_task.processes import ProcessEnded
 from t2i_task.store import DuplicateSessionName
 from t2i_task.task import TextToImageGenerationTask
 
@@ -310,8 +312,22 @@ async def get_process(process_id: RowId, backend: BackendDep, base64: bool = Fal
     return process_json(backend, await backend.db(backend.store.get_process, process_id), base64)
 
 
+@router.post("/api/v1/generative-process/{process_id}/cancel", status_code=202)
+async def cancel_process(process_id: RowId, backend: BackendDep) -> dict[str, Any]:
+    """End a queued or running process as ERROR "Error details: cancelled" (409 once it has ended)."""
+    try:
+        process = await backend.queue.cancel(process_id)
+    except ProcessEnded as exc:
+        raise ApiError(409, str(exc)) from exc
+    return process_json(backend, process)
+
+
 @router.delete("/api/v1/generative-process/{process_id}", status_code=204)
 async def delete_process(process_id: RowId, backend: BackendDep) -> Response:
+    """Delete a process with its rows; a queued or running one is cancelled first."""
+    if process_id in backend.queue.pending:
+        with contextlib.suppress(ProcessEnded):
+            await backend.queue.cancel(process_id)
     await backend.db(backend.store.delete_process, process_id)
     return Response(status_code=204)
 

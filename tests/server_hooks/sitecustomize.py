@@ -10,6 +10,8 @@ the batcher happened to group requests:
   them by removing the file.
 - `T2I_TEST_POISON=<word>`: a pipeline call with the word in a prompt raises
   torch.OutOfMemoryError, as a GPU that runs out of memory does.
+- With the gate, each call also appends `<first prompt>\t<steps it ran>` to
+  `<file>.steps` when it returns: a test sees where a cancelled call stopped.
 """
 
 import os
@@ -32,7 +34,21 @@ def _hooked_call(self, *args, **kwargs):
             time.sleep(0.02)
     if POISON and any(POISON in prompt for prompt in prompts):
         raise torch.OutOfMemoryError("simulated: CUDA out of memory. Tried to allocate 20.00 GiB")
-    return _real_call(self, *args, **kwargs)
+    if not GATE:
+        return _real_call(self, *args, **kwargs)
+    steps = 0
+    user_callback = kwargs.get("callback_on_step_end")
+
+    def counting(pipeline, step, timestep, callback_kwargs):
+        nonlocal steps
+        steps += 1
+        return user_callback(pipeline, step, timestep, callback_kwargs) if user_callback else callback_kwargs
+
+    try:
+        return _real_call(self, *args, **{**kwargs, "callback_on_step_end": counting})
+    finally:
+        with open(GATE + ".steps", "a") as log:
+            log.write(f"{prompts[0] if prompts else ''}\t{steps}\n")
 
 
 diffusers.StableDiffusionPipeline.__call__ = _hooked_call

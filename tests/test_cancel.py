@@ -1,0 +1,113 @@
+"""Cancel through the real server: a queued process never starts, a running one stops at its next
+step and writes no image, an ended one is 409."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from t2i_task.local_server import start_server, write_config
+from tests.gate import Gate, wait_for
+from tests.test_service import TASK, wait_until_ended
+
+# Each generation is estimated at 4 s of a 6.4 s budget: one at a time reaches the model.
+ONE_AT_A_TIME = {"overhead_s": 4.0, "seconds_per_megapixel_step": 0.001}
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    return tmp_path_factory.mktemp("cancel")
+
+
+@pytest.fixture(scope="module")
+def gate(folder):
+    return Gate(folder)
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, folder, gate):
+    config = write_config(folder, tiny_model_path, model={"cost": ONE_AT_A_TIME},
+                          serving={"request_timeout_s": 10}, batching={"max_latency_ms": 8000})
+    server = start_server(config, env=gate.env())
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+def submit(http, session_id: int, prompt: str) -> dict:
+    created = http.post("/api/v1/generative-process/", json={"session_id": session_id, "input": [prompt]})
+    assert created.status_code == 201, created.text
+    return created.json()
+
+
+def session(http, name: str, **parameters) -> int:
+    created = http.post("/api/v1/generative-session/", json={"task_name": TASK, "name": name,
+                                                             "parameters": {"width": 64, "height": 64} | parameters})
+    assert created.status_code == 201, created.text
+    return created.json()["id"]
+
+
+def steps_run(folder, prompt: str) -> list[int]:
+    log = folder / "gate.steps"
+    lines = log.read_text().splitlines() if log.exists() else []
+    return [int(steps) for first, steps in (line.split("\t") for line in lines) if first == prompt]
+
+
+def test_a_queued_process_cancelled_never_starts(http, gate):
+    sid = session(http, "queued", num_inference_steps=2)
+    with gate.closed():
+        running = submit(http, sid, "running")
+        gate.wait_until_held()
+        queued = submit(http, sid, "queued")
+        assert http.get(f"/api/v1/generative-process/{queued['id']}").json()["status"] == 1
+
+        cancelled = http.post(f"/api/v1/generative-process/{queued['id']}/cancel")
+        assert cancelled.status_code == 202
+        body = cancelled.json()
+        assert body["status"] == 4 and body["start_time"] is None
+        assert [row["data"] for row in body["output"]] == ["Error details: cancelled"]
+    assert wait_until_ended(http, running["id"])["status"] == 3
+    again = http.post(f"/api/v1/generative-process/{queued['id']}/cancel")
+    assert again.status_code == 409 and "already ended" in again.json()["detail"]
+    assert http.post(f"/api/v1/generative-process/{running['id']}/cancel").status_code == 409
+
+
+def test_a_running_process_cancelled_stops_at_its_next_step_and_writes_no_image(http, gate, folder):
+    sid = session(http, "running", num_inference_steps=50)
+    images_before = set((folder / "images").glob("*.png"))
+    with gate.closed():
+        running = submit(http, sid, "a long one")
+        gate.wait_until_held()  # in the pipeline call, about to run 50 steps
+        assert http.get(f"/api/v1/generative-process/{running['id']}").json()["status"] == 2
+        cancelled = http.post(f"/api/v1/generative-process/{running['id']}/cancel")
+        assert cancelled.status_code == 202
+        assert cancelled.json()["status"] == 4 and cancelled.json()["start_time"] is not None
+    [steps] = wait_for(lambda: steps_run(folder, "a long one"), what="the cancelled call to return")
+    assert steps <= 2, f"the cancelled call ran {steps} of 50 steps"
+    ended = http.get(f"/api/v1/generative-process/{running['id']}").json()
+    assert [row["data"] for row in ended["output"]] == ["Error details: cancelled"]
+    assert set((folder / "images").glob("*.png")) == images_before
+    # The model is free again.
+    after = submit(http, session(http, "after", num_inference_steps=2), "after the cancel")
+    assert wait_until_ended(http, after["id"])["status"] == 3
+
+
+def test_deleting_a_queued_process_cancels_it_first(http, gate):
+    sid = session(http, "deleted", num_inference_steps=2)
+    with gate.closed():
+        running = submit(http, sid, "kept")
+        gate.wait_until_held()
+        doomed = submit(http, sid, "deleted")
+        assert http.delete(f"/api/v1/generative-process/{doomed['id']}").status_code == 204
+    assert wait_until_ended(http, running["id"])["status"] == 3
+    assert http.get(f"/api/v1/generative-process/{doomed['id']}").status_code == 404
+    assert [p["id"] for p in http.get(f"/api/v1/generative-process/session/{sid}").json()] == [running["id"]]
+
+
+def test_cancelling_an_unknown_process_is_404(http):
+    assert http.post("/api/v1/generative-process/999999/cancel").status_code == 404
