@@ -41,7 +41,7 @@ from t2i_task.task import TextToImageGenerationTask
 settings = load_settings()
 logger = logging.getLogger("t2i.service")
 MODEL_READY_POLL_S = 0.5
-CANCEL_TIMEOUT_S = 5  # a cancel answers even if the model service does not
+CANCEL_TIMEOUT_S = 5  # a cancel or a progress question answers even if the model service does not
 
 
 class GeneratedImages(BaseModel):
@@ -97,6 +97,11 @@ class DiffusionService:
         ]
 
     @bentoml.api
+    async def progress(self) -> dict[str, list[int]]:
+        """(steps done, steps in all) of each job in the running call, by job id."""
+        return {str(job): list(steps) for job, steps in self.runner.progress().items()}
+
+    @bentoml.api
     async def cancel(self, jobs: list[int]) -> bool:
         """Stop the running call at its next step if all its jobs are cancelled. Async, so it runs
         on the worker's event loop while `generate` holds the worker's one sync thread."""
@@ -125,7 +130,7 @@ class TextToImageService:
     def __init__(self) -> None:
         store = Store(settings.storage.database_url, settings.storage.images_dir)
         task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
-        self.queue = ProcessQueue(store, task, settings, self.call_model, self.cancel_at_model)
+        self.queue = ProcessQueue(store, task, settings, self.call_model, self.cancel_at_model, self.model_progress)
         self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None
@@ -165,6 +170,10 @@ class TextToImageService:
             # at once) or restarting after a crash.
             raise ModelUnavailable(f"The model service is unavailable ({type(exc).__name__}).") from exc
         return GenerationResult(images=generated.images(), seeds=generated.seeds, error=generated.error)
+
+    async def model_progress(self) -> dict[int, tuple[int, int]]:
+        reported = await asyncio.wait_for(self.diffusion.to_async.progress(), CANCEL_TIMEOUT_S)
+        return {int(job): (steps[0], steps[1]) for job, steps in reported.items()}
 
     async def cancel_at_model(self, jobs: list[int]) -> None:
         """Tell the model service these jobs are cancelled; if it cannot be reached, their call

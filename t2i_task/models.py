@@ -97,6 +97,10 @@ class GenerativeProcess(Base):
     # re-queue its own interrupted work and give up on work that keeps failing.
     owner: Mapped[str | None] = mapped_column(String(255), index=True)
     attempts: Mapped[int] = mapped_column(default=0)
+    # Not in DashAI's table either: denoising steps done and in all. A running process's
+    # are written about once a second, so that any replica can say how far it is.
+    progress_step: Mapped[int | None]
+    progress_total: Mapped[int | None]
 
     session: Mapped[GenerativeSession] = relationship(back_populates="processes")
     # Loaded with the process: every reader wants its input and output rows.

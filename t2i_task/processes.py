@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -35,6 +36,9 @@ SWEEP_INTERVAL_S = 15
 
 ModelCall = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 ModelCancel = Callable[[list[int]], Awaitable[None]]
+ModelProgress = Callable[[], Awaitable[dict[int, tuple[int, int]]]]
+PROGRESS_POLL_S = 0.5  # how often the model is asked how far its running call is
+PROGRESS_WRITE_S = 1.0  # how often that is written to the database, for the other replicas
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
 
@@ -87,8 +91,11 @@ class ProcessQueue:
         settings: Settings,
         call_model: ModelCall,
         cancel_at_model: ModelCancel | None = None,
+        model_progress: ModelProgress | None = None,
     ) -> None:
         self.store, self.task, self.call_model, self.cancel_at_model = store, task, call_model, cancel_at_model
+        self.model_progress = model_progress
+        self.progress: dict[int, tuple[int, int]] = {}  # steps done and in all, of the processes running here
         self.serving = settings.serving
         self.model_name = settings.model.name
         self.cost = settings.model.cost
@@ -112,6 +119,7 @@ class ProcessQueue:
         # queue never counts toward a model call's timeout (t2i_task/scheduler.py).
         self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size)
         self._sweeper: asyncio.Task | None = None
+        self._progress_watcher: asyncio.Task | None = None
 
     async def db(self, call: Callable, *args, **kwargs):
         """Run a blocking store call off the event loop."""
@@ -133,7 +141,8 @@ class ProcessQueue:
         """Store a new process and run it in the background; the caller answers at once."""
         self.admit()
         async with self._claims:
-            process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance)
+            process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
+                                    steps=params.num_inference_steps)
             self.accept(process, params)
         return process
 
@@ -154,7 +163,8 @@ class ProcessQueue:
         process = None
         try:
             async with self._claims:
-                process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance)
+                process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
+                                        steps=params.num_inference_steps)
                 self.in_hand.add(process.id)
             return await self.generate(process, params, priority=Priority.LIVE)
         finally:
@@ -298,6 +308,7 @@ class ProcessQueue:
         if removed:
             log.warning("removed %d image files that no process names", len(removed))
         self._sweeper = asyncio.create_task(self._sweep())
+        self._progress_watcher = asyncio.create_task(self._watch_progress())
 
     async def requeue_lost(self) -> None:
         async with self._claims:
@@ -318,11 +329,41 @@ class ProcessQueue:
             except Exception as exc:  # the database may still be away: try again later
                 log.warning("sweep skipped: %s", type(exc).__name__)
 
+    def progress_of(self, process: GenerativeProcess) -> tuple[int, int] | None:
+        """(steps done, steps in all): fresh for a process running here, else as last recorded."""
+        steps = self.progress.get(process.id)
+        if steps is None and process.progress_total:
+            steps = (process.progress_step or 0, process.progress_total)
+        return steps
+
+    async def _watch_progress(self) -> None:
+        """Ask the model how far its running call is while it holds processes of ours; keep the
+        answer for this replica's routes and write it about once a second for the others."""
+        written = 0.0
+        while not self.draining:
+            await asyncio.sleep(PROGRESS_POLL_S)
+            if not self.at_model or self.model_progress is None:
+                self.progress = {}
+                continue
+            try:
+                reported = await self.model_progress()
+            except Exception as exc:  # the model busy starting or stopping: next time
+                log.debug("progress unavailable: %s", type(exc).__name__)
+                continue
+            self.progress = {job: steps for job, steps in reported.items() if job in self.at_model}
+            if self.progress and time.monotonic() - written >= PROGRESS_WRITE_S:
+                try:
+                    await self.db(self.store.record_progress, dict(self.progress))
+                    written = time.monotonic()
+                except Exception as exc:  # the database away: the routes here still know
+                    log.warning("progress not recorded: %s", type(exc).__name__)
+
     async def drain(self) -> None:
         """Refuse new work, let running generations finish, put the rest back in the queue."""
         self.draining = True
-        if self._sweeper:
-            self._sweeper.cancel()
+        for watcher in (self._sweeper, self._progress_watcher):
+            if watcher:
+                watcher.cancel()
         jobs = list(self.pending.values())
         log.warning("draining: %d processes in hand may run for %.0fs; new work is refused", len(jobs),
                     self.serving.drain_timeout_s)

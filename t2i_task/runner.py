@@ -187,6 +187,8 @@ class DiffusionRunner:
         # Jobs whose images nobody wants any more; a call made only of such jobs stops at its
         # next step. Written by `cancel` from another thread while a call runs.
         self._cancelled: set[int] = set()
+        # Denoising steps done and in all, per job of the running call: read by `progress`.
+        self._progress: dict[int, tuple[int, int]] = {}
         log.info(
             "loaded %s on %s (%s, %s attention) in %.2fs",
             model_path, self.placement.device, self.placement.dtype, self.placement.attention, self.load_seconds,
@@ -226,8 +228,17 @@ class DiffusionRunner:
         still has a wanted job goes on untouched, so its images stay the same."""
         self._cancelled.update(jobs)
 
-    def _stop_if_unwanted(self, jobs: frozenset[int | None]):
+    def progress(self) -> dict[int, tuple[int, int]]:
+        """(steps done, steps in all) of each job in the running call."""
+        return dict(self._progress)
+
+    def _stop_if_unwanted(self, jobs: frozenset[int | None], total: int):
+        """The step-end callback: records progress, and stops a call nobody wants any more."""
+        known = [job for job in jobs if job is not None]
+
         def on_step_end(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
+            for job in known:
+                self._progress[job] = (step + 1, total)
             if jobs <= self._cancelled:
                 pipeline._interrupt = True  # diffusers skips the remaining steps
             return callback_kwargs
@@ -308,6 +319,8 @@ class DiffusionRunner:
                 return images
             finally:
                 self._cancelled -= jobs
+                for job in jobs:
+                    self._progress.pop(job, None)
 
     def _pipeline_call(self, requests: list[GenerationRequest], generators: list, jobs: frozenset[int | None]):
         first = requests[0]
@@ -321,6 +334,6 @@ class DiffusionRunner:
             num_images_per_prompt=1,
             generator=generators,
             output_type="pil",
-            # Only calls whose jobs can all be cancelled pay for a check at each step.
-            callback_on_step_end=self._stop_if_unwanted(jobs) if None not in jobs else None,
+            # Only calls made for known jobs pay for a callback at each step.
+            callback_on_step_end=self._stop_if_unwanted(jobs, first.num_inference_steps) if jobs != {None} else None,
         )

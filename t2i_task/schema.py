@@ -74,8 +74,10 @@ def new_revision(message: str) -> None:
     with tempfile.TemporaryDirectory() as folder:
         engine = create_engine(f"sqlite:///{folder}/scratch.db")
         upgrade(engine)
+        number = len(list((MIGRATIONS / "versions").glob("[0-9][0-9][0-9][0-9]_*.py"))) + 1
         with engine.begin() as connection:
-            command.revision(alembic_config(connection), message=message, autogenerate=True)
+            command.revision(alembic_config(connection), message=message, autogenerate=True,
+                             rev_id=f"{number:04d}")
         engine.dispose()
 
 

@@ -4,9 +4,8 @@ Every method is one unit of work in its own transaction, so a failure leaves
 nothing half-written. Objects returned are detached snapshots (loaded with
 their rows) that stay readable after the transaction closes.
 
-SQLite (the default) runs in WAL mode with a busy timeout so that several
-server processes on one machine can share it; PostgreSQL is the choice for
-replicas on several machines. Any SQLAlchemy URL works.
+Any SQLAlchemy URL works (t2i_task/database.py connects; t2i_task/schema.py
+keeps the schema current).
 """
 
 from __future__ import annotations
@@ -19,12 +18,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import create_engine, event, select
-from sqlalchemy.engine import Engine, make_url
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from t2i_task import schema
+from t2i_task.database import connect
 from t2i_task.models import (
     GenerativeProcess,
     GenerativeSession,
@@ -36,11 +35,6 @@ from t2i_task.models import (
 
 log = logging.getLogger(__name__)
 
-SQLITE_BUSY_TIMEOUT_MS = 30_000
-# Connections kept open for SQLite: as many as the threads that may use the
-# store at once (anyio's default thread pool), so none is opened per call
-# under load; opening one costs more than the queries it would serve.
-SQLITE_POOL_SIZE = 40
 ERROR_PREFIX = "Error details: "
 IMAGE_TYPE = "Image"
 
@@ -85,34 +79,11 @@ class InvalidTransition(StoreError, ValueError):
         super().__init__(f"Process {process_id} is {current.name}; it cannot become {wanted.name}.")
 
 
-def _create_engine(database_url: str) -> Engine:
-    url = make_url(database_url)
-    if url.get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
-
-    if url.database and url.database != ":memory:":
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(
-        url, connect_args={"timeout": SQLITE_BUSY_TIMEOUT_MS / 1000}, pool_size=SQLITE_POOL_SIZE, max_overflow=0
-    )
-
-    @event.listens_for(engine, "connect")
-    def _sqlite_pragmas(dbapi_connection, _record) -> None:
-        cursor = dbapi_connection.cursor()
-        cursor.execute("PRAGMA journal_mode=WAL")
-        cursor.execute("PRAGMA synchronous=NORMAL")
-        cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys=ON")
-        cursor.close()
-
-    return engine
-
-
 class Store:
     """Sessions, processes and ProcessData rows; image files live in `images_dir`."""
 
     def __init__(self, database_url: str, images_dir: str | Path) -> None:
-        self.engine = _create_engine(database_url)
+        self.engine = connect(database_url)
         self.images_dir = Path(images_dir)
         self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         schema.upgrade(self.engine)  # Alembic migrations: t2i_task/migrations/
@@ -244,12 +215,13 @@ class Store:
         inputs: Sequence[tuple[str, str]],
         status: RunStatus = RunStatus.DELIVERED,
         owner: str | None = None,
+        steps: int | None = None,
     ) -> GenerativeProcess:
         """A process and its input rows, in one transaction.
 
         By default the process is DELIVERED at once: this server queues every
         process as soon as it is stored. `owner` names the server instance
-        whose queue holds it.
+        whose queue holds it; `steps`, its denoising steps (its progress: 0 of them).
         """
         if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED):
             raise ValueError(f"a new process is NOT_STARTED or DELIVERED, not {status.name}")
@@ -262,6 +234,8 @@ class Store:
                 created=now,
                 delivery_time=now if status is RunStatus.DELIVERED else None,
                 owner=owner,
+                progress_step=0 if steps else None,
+                progress_total=steps,
                 data=[ProcessData(data=data, data_type=data_type, is_input=True) for data, data_type in inputs],
             )
             db.add(process)
@@ -288,6 +262,13 @@ class Store:
         """Attach the output rows and mark the process FINISHED, together."""
         return self._move(process_id, RunStatus.FINISHED, outputs)
 
+    def record_progress(self, progress: dict[int, tuple[int, int]]) -> None:
+        """Steps done and in all of running processes, in one transaction; ended ones keep theirs."""
+        with self._transaction() as db:
+            for process in db.scalars(select(GenerativeProcess).where(
+                    GenerativeProcess.id.in_(progress), GenerativeProcess.status == RunStatus.STARTED)):
+                process.progress_step, process.progress_total = progress[process.id]
+
     def fail_process(self, process_id: int, message: str) -> GenerativeProcess:
         """Mark the process ERROR with one `("Error details: ...", "str")` output row."""
         return self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")])
@@ -310,6 +291,8 @@ class Store:
                 process.attempts += 1
             else:
                 process.end_time = now
+                if status is RunStatus.FINISHED and process.progress_total:
+                    process.progress_step = process.progress_total
             for data, data_type in outputs:
                 process.data.append(ProcessData(data=data, data_type=data_type, is_input=False))
         return process

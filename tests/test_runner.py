@@ -300,8 +300,8 @@ def test_a_call_whose_jobs_are_all_cancelled_stops_at_the_next_step(runner, monk
     steps: list[int] = []
     stop_unwanted = runner._stop_if_unwanted
 
-    def cancel_at_step_two(jobs):  # the cancel arrives, from another thread, while step 2 runs
-        check = stop_unwanted(jobs)
+    def cancel_at_step_two(jobs, total):  # the cancel arrives, from another thread, while step 2 runs
+        check = stop_unwanted(jobs, total)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             steps.append(step)
@@ -327,8 +327,8 @@ def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
     alone = runner.generate([request(prompt="a white circle", seed=7, num_inference_steps=4, job=21)])[0]
     stop_unwanted = runner._stop_if_unwanted
 
-    def cancel_one_at_step_one(jobs):
-        check = stop_unwanted(jobs)
+    def cancel_one_at_step_one(jobs, total):
+        check = stop_unwanted(jobs, total)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             if step == 0:
@@ -342,3 +342,23 @@ def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
                                request(prompt="noise", seed=8, num_inference_steps=4, job=23)])
     assert kept.error is None
     assert np.abs(pixels(alone.images[0]) - pixels(kept.images[0])).max() <= BATCH_TOLERANCE
+
+
+def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
+    seen: list[dict] = []
+    report = runner._stop_if_unwanted
+
+    def watching(jobs, total):
+        callback = report(jobs, total)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            kwargs = callback(pipeline, step, timestep, callback_kwargs)
+            seen.append(runner.progress())  # what another thread asking now would read
+            return kwargs
+
+        return on_step_end
+
+    monkeypatch.setattr(runner, "_stop_if_unwanted", watching)
+    runner.generate([request(num_inference_steps=3, job=31), request(num_inference_steps=3, job=32, seed=2)])
+    assert seen == [{31: (1, 3), 32: (1, 3)}, {31: (2, 3), 32: (2, 3)}, {31: (3, 3), 32: (3, 3)}]
+    assert runner.progress() == {}  # the call is over

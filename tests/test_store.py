@@ -298,3 +298,18 @@ def test_deleting_sessions_removes_their_processes_and_image_files(store):
     assert [s.name for s in store.list_sessions()] == ["kept"]
     assert sorted(p.name for p in store.images_dir.iterdir()) == ["kept.png"]
     assert count(store, GenerativeProcess) == 1 and count(store, ProcessData) == 2
+
+
+def test_progress_is_recorded_for_running_processes_only_and_a_finished_one_is_complete(store):
+    session_id = new_session(store).id
+    running = store.create_process(session_id, [("a", "str")], steps=20)
+    queued = store.create_process(session_id, [("b", "str")], steps=20)
+    assert (running.progress_step, running.progress_total) == (0, 20)
+    store.start_process(running.id)
+
+    store.record_progress({running.id: (7, 20), queued.id: (5, 20)})
+    assert (store.get_process(running.id).progress_step, store.get_process(queued.id).progress_step) == (7, 0)
+
+    store.finish_process(running.id, [("a.png", "Image")])
+    store.record_progress({running.id: (9, 20)})  # a late report changes nothing once it has ended
+    assert store.get_process(running.id).progress_step == 20

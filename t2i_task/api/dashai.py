@@ -113,7 +113,13 @@ def process_json(backend: Backend, process: GenerativeProcess, as_base64: bool =
         "end_time": _iso(process.end_time),
         "input": rows_json(backend.task.process_input_from_database(process.input)),
         "output": rows_json(output),
+        # Not in DashAI's answer (its front end ignores it): denoising steps done and in all.
+        "progress": progress_json(backend.queue.progress_of(process)),
     }
+
+
+def progress_json(steps: tuple[int, int] | None) -> dict[str, int] | None:
+    return {"step": steps[0], "total": steps[1]} if steps else None
 
 
 # Sessions

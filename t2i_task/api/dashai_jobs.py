@@ -15,7 +15,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 
-from t2i_task.api.backend import BackendDep
+from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.dashai import MAX_ID, RowId, read_form_or_json
 from t2i_task.api.errors import ApiError
 from t2i_task.models import GenerativeProcess, RunStatus
@@ -40,8 +40,9 @@ def _dashai_time(moment: datetime | None) -> str | None:
     return moment.astimezone(UTC).strftime(DASHAI_TIME)[:-3] if moment else None
 
 
-def job_json(process: GenerativeProcess) -> dict[str, Any]:
+def job_json(backend: Backend, process: GenerativeProcess) -> dict[str, Any]:
     error = next((row.data for row in process.output if row.data.startswith(ERROR_PREFIX)), None)
+    steps = backend.queue.progress_of(process)
     return {
         "id": process.id,
         "task_type": JOB_TYPE,
@@ -51,8 +52,9 @@ def job_json(process: GenerativeProcess) -> dict[str, Any]:
         "status": JOB_STATUS[process.status],
         "last_update": _dashai_time(process.last_modified),
         "error_msg": error.removeprefix(ERROR_PREFIX) if error else None,
-        "progress": 100 if process.status is RunStatus.FINISHED else None,
-        "progress_message": None,
+        # DashAI's job progress: a percentage and a line to show beside it.
+        "progress": 100 if process.status is RunStatus.FINISHED else (100 * steps[0] // steps[1] if steps else None),
+        "progress_message": f"step {steps[0]}/{steps[1]}" if steps else None,
     }
 
 
@@ -76,13 +78,13 @@ async def create_job(request: Request, backend: BackendDep) -> dict[str, Any]:
         raise ApiError(422, "kwargs.generative_process_id: a process id (positive integer) is required",
                        param="kwargs.generative_process_id")
     process = await backend.db(backend.store.get_process, process_id)
-    return {"id": process.id, **job_json(process)}
+    return {"id": process.id, **job_json(backend, process)}
 
 
 @router.get("/api/v1/job/")
 @router.get("/api/v1/job", include_in_schema=False)
 async def list_jobs(backend: BackendDep) -> list[dict[str, Any]]:
-    return [job_json(p) for p in await backend.db(backend.store.list_recent_processes, LISTED_JOBS)]
+    return [job_json(backend, p) for p in await backend.db(backend.store.list_recent_processes, LISTED_JOBS)]
 
 
 @router.get("/api/v1/job/changes")
@@ -99,7 +101,7 @@ async def job_changes(backend: BackendDep, since: str | None = None) -> dict[str
         moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
     changed = await backend.db(backend.store.list_recent_processes, LISTED_JOBS, moment)
     return {
-        "jobs": [job_json(p) for p in changed],
+        "jobs": [job_json(backend, p) for p in changed],
         "cursor": _dashai_time(now),
         "server_now": _dashai_time(now),
         "queue_empty": not backend.queue.pending and not backend.queue.answering,
@@ -113,4 +115,4 @@ async def get_job(job_id: RowId, backend: BackendDep) -> dict[str, Any]:
         process = await backend.db(backend.store.get_process, job_id)
     except ProcessNotFound as exc:
         raise ApiError(404, f"Job with ID {job_id} does not exist.") from exc
-    return job_json(process)
+    return job_json(backend, process)

@@ -1,5 +1,5 @@
-"""Cancel through the real server: a queued process never starts, a running one stops at its next
-step and writes no image, an ended one is 409."""
+"""Job control through the real server: progress while a process runs; cancel (a queued process
+never starts, a running one stops at its next step and writes no image, an ended one is 409)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,8 @@ import pytest
 from t2i_task.local_server import start_server, write_config
 from tests.gate import Gate, wait_for
 from tests.test_service import TASK, wait_until_ended
+
+LONG = 400  # steps: seconds on this CPU, long enough to watch
 
 # Each generation is estimated at 4 s of a 6.4 s budget: one at a time reaches the model.
 ONE_AT_A_TIME = {"overhead_s": 4.0, "seconds_per_megapixel_step": 0.001}
@@ -26,8 +28,8 @@ def gate(folder):
 
 @pytest.fixture(scope="module")
 def server(tiny_model_path, folder, gate):
-    config = write_config(folder, tiny_model_path, model={"cost": ONE_AT_A_TIME},
-                          serving={"request_timeout_s": 10}, batching={"max_latency_ms": 8000})
+    config = write_config(folder, tiny_model_path, model={"cost": ONE_AT_A_TIME}, limits={"max_steps": 400},
+                          serving={"request_timeout_s": 60}, batching={"max_latency_ms": 8000})
     server = start_server(config, env=gate.env())
     yield server
     server.stop()
@@ -111,3 +113,23 @@ def test_deleting_a_queued_process_cancels_it_first(http, gate):
 
 def test_cancelling_an_unknown_process_is_404(http):
     assert http.post("/api/v1/generative-process/999999/cancel").status_code == 404
+
+
+def test_progress_grows_while_a_process_runs_and_ends_at_its_total(http):
+    process = submit(http, session(http, "progress", num_inference_steps=LONG), "watched")
+    assert process["progress"] == {"step": 0, "total": LONG}
+    seen, job_lines = [], set()
+
+    def ended():
+        current = http.get(f"/api/v1/generative-process/{process['id']}").json()
+        if current["status"] == 2 and 0 < current["progress"]["step"] < LONG:
+            seen.append(current["progress"]["step"])
+            job_lines.add(http.get(f"/api/v1/job/{process['id']}").json()["progress_message"])
+        return current if current["status"] in (3, 4) else None
+
+    final = wait_for(ended, interval=0.2, what="the watched process to end")
+    assert final["status"] == 3 and final["progress"] == {"step": LONG, "total": LONG}
+    assert len(set(seen)) >= 2 and seen == sorted(seen), f"progress seen while running: {seen}"
+    assert any(line and line.startswith("step ") and line.endswith(f"/{LONG}") for line in job_lines), job_lines
+    listed = http.get(f"/api/v1/generative-process/session/{final['session_id']}").json()
+    assert listed[0]["progress"] == {"step": LONG, "total": LONG}
