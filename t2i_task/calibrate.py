@@ -56,14 +56,17 @@ def measure(runner: DiffusionRunner, settings: Settings) -> tuple[GenerationCost
     timings = [(side, statistics.median(seconds(side) for _ in range(RUNS_PER_SIZE))) for side in sides]
     (small, t_small), (large, t_large) = timings[0], timings[-1]
     w_small, w_large = small * small / MEGAPIXEL * steps, large * large / MEGAPIXEL * steps
-    slope = (t_large - t_small) / (w_large - w_small) if large > small else t_large / w_large
+    slope = (t_large - t_small) / (w_large - w_small) if large > small else 0.0
     # Below zero is timing noise around a tiny overhead; zero only raises the estimate.
     intercept = max(0.0, t_small - slope * w_small)
+    if slope <= 0:  # the sizes cost the same within the noise: charge every pixel-step at the dearest rate
+        slope = max(seconds / (side * side / MEGAPIXEL * steps) for side, seconds in timings)
+        intercept = 0.0
     placement = runner.placement
     cores = len(os.sched_getaffinity(0))
     machine = torch_device_name(placement.device) or f"{cores}-core {platform.machine()} CPU"
     measured_on = f"{machine}, {str(placement.dtype).removeprefix('torch.')}, {datetime.date.today().isoformat()}"
-    cost = GenerationCost(overhead_s=round(intercept, 4), seconds_per_megapixel_step=round(slope, 4),
+    cost = GenerationCost(overhead_s=float(f"{intercept:.4g}"), seconds_per_megapixel_step=float(f"{slope:.4g}"),
                           measured_on=measured_on)
     return cost, timings
 

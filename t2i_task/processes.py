@@ -238,6 +238,7 @@ class ProcessQueue:
                     generated = await self.call_model(request)
                 finally:
                     self.at_model.discard(process.id)
+                    self.progress.pop(process.id, None)
             if generated.error:
                 raise GenerationFailed(generated.error)
             provenance = [
@@ -331,7 +332,7 @@ class ProcessQueue:
 
     def progress_of(self, process: GenerativeProcess) -> tuple[int, int] | None:
         """(steps done, steps in all): fresh for a process running here, else as last recorded."""
-        steps = self.progress.get(process.id)
+        steps = self.progress.get(process.id) if process.status is RunStatus.STARTED else None
         if steps is None and process.progress_total:
             steps = (process.progress_step or 0, process.progress_total)
         return steps

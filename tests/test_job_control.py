@@ -3,6 +3,8 @@ never starts, a running one stops at its next step and writes no image, an ended
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import pytest
 
@@ -133,3 +135,27 @@ def test_progress_grows_while_a_process_runs_and_ends_at_its_total(http):
     assert any(line and line.startswith("step ") and line.endswith(f"/{LONG}") for line in job_lines), job_lines
     listed = http.get(f"/api/v1/generative-process/session/{final['session_id']}").json()
     assert listed[0]["progress"] == {"step": LONG, "total": LONG}
+
+
+def events(http, process_id: int) -> list[dict]:
+    """Every event of a process's stream, until the server closes it."""
+    received = []
+    with http.stream("GET", f"/api/v1/generative-process/{process_id}/events") as stream:
+        assert stream.status_code == 200
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        for line in stream.iter_lines():
+            if line.startswith("data:"):
+                received.append(json.loads(line.removeprefix("data:").strip()))
+    return received
+
+
+def test_the_event_stream_follows_a_process_and_closes_on_its_final_status(http):
+    process = submit(http, session(http, "streamed", num_inference_steps=LONG), "streamed")
+    received = events(http, process["id"])
+    assert received[-1] == {"id": process["id"], "status": 3, "progress": {"step": LONG, "total": LONG}}
+    assert all(event["status"] in (1, 2) for event in received[:-1])
+    steps = [event["progress"]["step"] for event in received]
+    assert steps == sorted(steps) and len(set(steps)) >= 3, steps  # 0, some running steps, the total
+    # Ended already: one final event, and the stream closes.
+    assert events(http, process["id"]) == [received[-1]]
+    assert http.get("/api/v1/generative-process/999999/events").status_code == 404

@@ -7,7 +7,9 @@ reason). The images are served by name from the images folder.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import re
 from datetime import datetime
 from pathlib import Path
@@ -17,12 +19,13 @@ from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, validation_error
 from t2i_task.config import CleanText, GenerationParameters, ParameterError
-from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData
+from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData, RunStatus
 from t2i_task.processes import ProcessEnded
 from t2i_task.store import DuplicateSessionName
 from t2i_task.task import TextToImageGenerationTask
@@ -31,6 +34,8 @@ TASK_NAME = TextToImageGenerationTask.__name__
 MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
+# How often an event stream looks at its process: about as often as progress changes (processes.py).
+EVENTS_POLL_S = 0.5
 
 router = APIRouter()
 
@@ -316,6 +321,28 @@ async def list_processes(session_id: RowId, backend: BackendDep, base64: bool = 
 @router.get("/api/v1/generative-process/{process_id}")
 async def get_process(process_id: RowId, backend: BackendDep, base64: bool = False) -> dict[str, Any]:
     return process_json(backend, await backend.db(backend.store.get_process, process_id), base64)
+
+
+@router.get("/api/v1/generative-process/{process_id}/events")
+async def process_events(process_id: RowId, backend: BackendDep) -> EventSourceResponse:
+    """Server-sent events: `{"id", "status", "progress"}` on each change, closed after the final
+    status (3 or 4); a process already ended gets that one event."""
+    first = await backend.db(backend.store.get_process, process_id)  # 404 before the stream opens
+
+    async def changes():
+        process, last = first, None
+        while True:
+            state = {"id": process.id, "status": int(process.status),
+                     "progress": progress_json(backend.queue.progress_of(process))}
+            if state != last:
+                yield {"data": json.dumps(state)}
+                last = state
+            if process.status in (RunStatus.FINISHED, RunStatus.ERROR):
+                return
+            await asyncio.sleep(EVENTS_POLL_S)
+            process = await backend.db(backend.store.get_process, process_id)
+
+    return EventSourceResponse(changes())
 
 
 @router.post("/api/v1/generative-process/{process_id}/cancel", status_code=202)
