@@ -29,6 +29,9 @@ MIGRATIONS = Path(__file__).with_name("migrations")
 # (tests open several stores from threads at once).
 _alembic_commands = threading.Lock()
 BASELINE = "0001"  # release 0.1.0's schema
+# Not Alembic's default name: DashAI keeps its own migrations in `alembic_version`, and
+# this server's tables follow DashAI's, so the two must never read each other's revision.
+VERSION_TABLE = "t2i_alembic_version"
 # Any fixed 64-bit number: the advisory lock replicas take while they migrate.
 MIGRATION_LOCK = 0x7432_6944_6261_7365
 
@@ -40,8 +43,12 @@ def alembic_config(connection: Connection | None = None) -> Config:
     return config
 
 
+def migration_context(connection: Connection) -> MigrationContext:
+    return MigrationContext.configure(connection, opts={"version_table": VERSION_TABLE})
+
+
 def current_revision(connection: Connection) -> str | None:
-    return MigrationContext.configure(connection).get_current_revision()
+    return migration_context(connection).get_current_revision()
 
 
 def head_revision() -> str:

@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
-from alembic.runtime.migration import MigrationContext
 from sqlalchemy import create_engine, inspect
 
 from t2i_task.models import Base, RunStatus
-from t2i_task.schema import current_revision, head_revision
+from t2i_task.schema import VERSION_TABLE, current_revision, head_revision, migration_context
 from t2i_task.store import Store
 
 FIXTURES = Path(__file__).with_name("fixtures")
@@ -56,7 +55,7 @@ def test_the_migrations_build_exactly_the_models_schema(database_url, tmp_path):
     try:
         with store.engine.connect() as connection:
             assert current_revision(connection) == head_revision()
-            differences = compare_metadata(MigrationContext.configure(connection), Base.metadata)
+            differences = compare_metadata(migration_context(connection), Base.metadata)
         assert differences == [], "a model changed without a migration: make migration MESSAGE=..."
     finally:
         store.close()
@@ -69,6 +68,22 @@ def test_opening_an_up_to_date_database_changes_nothing(database_url, tmp_path):
         with store.engine.connect() as connection:
             assert current_revision(connection) == head_revision()
             assert set(inspect(connection).get_table_names()) == {
-                "alembic_version", "generative_session", "parameter_history", "generative_process", "process_data"}
+                VERSION_TABLE, "generative_session", "parameter_history", "generative_process", "process_data"}
+    finally:
+        store.close()
+
+
+def test_a_database_shared_with_dashais_own_migrations_keeps_them_apart(database_url, tmp_path):
+    """DashAI records its Alembic revision in `alembic_version`; this server's is its own table."""
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        connection.exec_driver_sql("CREATE TABLE alembic_version (version_num VARCHAR(32) NOT NULL)")
+        connection.exec_driver_sql("INSERT INTO alembic_version VALUES ('dashai_rev_42')")
+    engine.dispose()
+    store = Store(database_url, tmp_path / "images")
+    try:
+        with store.engine.connect() as connection:
+            assert current_revision(connection) == head_revision()
+            assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "dashai_rev_42"
     finally:
         store.close()

@@ -3,8 +3,10 @@
 from alembic import context
 
 from t2i_task.models import Base
+from t2i_task.schema import VERSION_TABLE
 
 connection = context.config.attributes["connection"]
-context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True)
+context.configure(connection=connection, target_metadata=Base.metadata, render_as_batch=True,
+                  version_table=VERSION_TABLE)
 with context.begin_transaction():
     context.run_migrations()
