@@ -39,6 +39,7 @@ ModelCancel = Callable[[list[int]], Awaitable[None]]
 ModelProgress = Callable[[], Awaitable[dict[int, tuple[int, int]]]]
 PROGRESS_POLL_S = 0.5  # how often the model is asked how far its running call is
 PROGRESS_WRITE_S = 1.0  # how often that is written to the database, for the other replicas
+CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
 
@@ -58,6 +59,10 @@ class ShuttingDown(Exception):
 class ModelUnavailable(Exception):
     """The model service cannot be reached (it is stopping, or restarting after a crash):
     not the process's fault, so a queued process goes back to the queue."""
+
+
+class ClientGone(Exception):
+    """The caller of a live request disconnected; its generation was cancelled."""
 
 
 class ProcessEnded(Exception):
@@ -147,11 +152,17 @@ class ProcessQueue:
         return process
 
     async def run_now(
-        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters
+        self,
+        session_id: int,
+        inputs: list[tuple[str, str]],
+        params: GenerationParameters,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> list[tuple[str, str]]:
         """Store a new process and run it while the caller waits: its output rows.
 
         Refused (QueueFull) when the work ahead of it would keep it from finishing in time.
+        If `client_gone` says the caller left, the process is cancelled (its slot freed, its
+        call stopped where nothing else in it is wanted) and ClientGone is raised.
         """
         self.admit()
         wait_s = self.scheduler.wait_s(self.cost_s(params), Priority.LIVE)
@@ -166,7 +177,16 @@ class ProcessQueue:
                 process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
                                         steps=params.num_inference_steps)
                 self.in_hand.add(process.id)
-            return await self.generate(process, params, priority=Priority.LIVE)
+            running = asyncio.ensure_future(self.generate(process, params, priority=Priority.LIVE))
+            try:
+                while client_gone is not None and not running.done():
+                    await asyncio.wait({running}, timeout=CLIENT_POLL_S)
+                    if not running.done() and await client_gone():
+                        await self._stop(process.id, running)
+                        raise ClientGone(f"The client of process {process.id} went away; it was cancelled.")
+                return await running
+            finally:
+                running.cancel()  # this request itself cancelled (the server stopping, say): so is its work
         finally:
             self.answering -= 1
             if process is not None:
@@ -287,14 +307,7 @@ class ProcessQueue:
         job = self.pending.get(process_id)
         if job is None:  # queued by another replica, or lost: its owner finds it ended
             return await self.db(self.store.fail_process, process_id, CANCELLED)
-        self.cancelling.add(process_id)
-        try:
-            if process_id in self.at_model and self.cancel_at_model is not None:
-                await self.cancel_at_model([process_id])
-            job.cancel()
-            await asyncio.gather(job, return_exceptions=True)  # generate() records the cancellation
-        finally:
-            self.cancelling.discard(process_id)
+        await self._stop(process_id, job)
         process = await self.db(self.store.get_process, process_id)
         if process.status is RunStatus.FINISHED:  # it ended just before the cancel reached it
             raise ProcessEnded(f"Process {process_id} has already ended (FINISHED); nothing to cancel.")
@@ -329,6 +342,18 @@ class ProcessQueue:
                 await self.requeue_lost()
             except Exception as exc:  # the database may still be away: try again later
                 log.warning("sweep skipped: %s", type(exc).__name__)
+
+    async def _stop(self, process_id: int, job: asyncio.Future) -> None:
+        """Cancel a process's generation here: at the model if it is there, then its task,
+        whose generate() records the process as ERROR "cancelled"."""
+        self.cancelling.add(process_id)
+        try:
+            if process_id in self.at_model and self.cancel_at_model is not None:
+                await self.cancel_at_model([process_id])
+            job.cancel()
+            await asyncio.gather(job, return_exceptions=True)
+        finally:
+            self.cancelling.discard(process_id)
 
     def progress_of(self, process: GenerativeProcess) -> tuple[int, int] | None:
         """(steps done, steps in all): fresh for a process running here, else as last recorded."""

@@ -159,3 +159,22 @@ def test_the_event_stream_follows_a_process_and_closes_on_its_final_status(http)
     # Ended already: one final event, and the stream closes.
     assert events(http, process["id"]) == [received[-1]]
     assert http.get("/api/v1/generative-process/999999/events").status_code == 404
+
+
+def test_a_live_call_whose_client_leaves_is_cancelled_and_its_call_stopped(server, http, gate, folder):
+    prompt = "nobody waits for this"
+    with gate.closed():
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up while its call is held in the pipeline
+            httpx.post(f"{server.url}/v1/images/generations", timeout=httpx.Timeout(60, read=3), json={
+                "prompt": prompt, "size": "64x64", "num_inference_steps": LONG, "response_format": "b64_json"})
+
+        def cancelled():
+            [openai] = [s for s in http.get("/api/v1/generative-session/").json() if s["name"].startswith("openai-")]
+            processes = http.get(f"/api/v1/generative-process/session/{openai['id']}").json()
+            [process] = [p for p in processes if p["input"][0]["data"] == prompt]
+            return process if process["status"] == 4 else None
+
+        process = wait_for(cancelled, what="the left call's process to be cancelled")
+        assert [row["data"] for row in process["output"]] == ["Error details: cancelled"]
+    [steps] = wait_for(lambda: steps_run(folder, prompt), what="the left call to return")
+    assert steps <= 2, f"the left call ran {steps} of {LONG} steps"

@@ -18,7 +18,7 @@ from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, retry_later
 from t2i_task.config import GenerationParameters, ParameterError, Settings
 from t2i_task.models import ProcessData
-from t2i_task.processes import GenerationFailed, ModelUnavailable, describe_failure
+from t2i_task.processes import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
 from t2i_task.task import TextToImageGenerationTask
 
 router = APIRouter()
@@ -62,12 +62,15 @@ async def generate_images(body: ImageGenerationRequest, request: Request, backen
 
     with admission():
         try:
-            saved = await backend.queue.run_now(await _session_id(backend), inputs, params)
+            saved = await backend.queue.run_now(await _session_id(backend), inputs, params,
+                                                client_gone=request.is_disconnected)
         except BentoMLException as exc:
             status = exc.error_code if exc.error_code in (429, 503, 504) else 500
             raise retry_later(int(status), f"Generation failed: {describe_failure(exc)}") from exc
         except ModelUnavailable as exc:
             raise retry_later(503, f"{exc} Retry later.") from exc
+        except ClientGone as exc:  # nobody reads this answer; 499 as nginx logs it
+            raise ApiError(499, str(exc)) from exc
         except (GenerationFailed, OSError) as exc:  # the model, or the images folder
             raise ApiError(500, f"Generation failed: {describe_failure(exc)}") from exc
 
