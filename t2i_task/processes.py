@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pydantic import ValidationError
 
 from t2i_task.config import GenerationParameters, Settings
 from t2i_task.models import GenerativeProcess, RunStatus
+from t2i_task.progress import ModelProgress, ProgressWatch
 from t2i_task.runner import GenerationRequest, GenerationResult
 from t2i_task.scheduler import ModelScheduler, Priority
 from t2i_task.store import Store
@@ -36,9 +36,6 @@ SWEEP_INTERVAL_S = 15
 
 ModelCall = Callable[[GenerationRequest], Awaitable[GenerationResult]]
 ModelCancel = Callable[[list[int]], Awaitable[None]]
-ModelProgress = Callable[[], Awaitable[dict[int, tuple[int, int]]]]
-PROGRESS_POLL_S = 0.5  # how often the model is asked how far its running call is
-PROGRESS_WRITE_S = 1.0  # how often that is written to the database, for the other replicas
 CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
@@ -99,8 +96,8 @@ class ProcessQueue:
         model_progress: ModelProgress | None = None,
     ) -> None:
         self.store, self.task, self.call_model, self.cancel_at_model = store, task, call_model, cancel_at_model
-        self.model_progress = model_progress
-        self.progress: dict[int, tuple[int, int]] = {}  # steps done and in all, of the processes running here
+        # How far the processes at the model are (t2i_task/progress.py).
+        self.progress = ProgressWatch(store, model_progress, running=lambda: self.at_model)
         self.serving = settings.serving
         self.model_name = settings.model.name
         self.cost = settings.model.cost
@@ -258,7 +255,7 @@ class ProcessQueue:
                     generated = await self.call_model(request)
                 finally:
                     self.at_model.discard(process.id)
-                    self.progress.pop(process.id, None)
+                    self.progress.forget(process.id)
             if generated.error:
                 raise GenerationFailed(generated.error)
             provenance = [
@@ -322,7 +319,7 @@ class ProcessQueue:
         if removed:
             log.warning("removed %d image files that no process names", len(removed))
         self._sweeper = asyncio.create_task(self._sweep())
-        self._progress_watcher = asyncio.create_task(self._watch_progress())
+        self._progress_watcher = asyncio.create_task(self.progress.watch(lambda: self.draining))
 
     async def requeue_lost(self) -> None:
         async with self._claims:
@@ -354,35 +351,6 @@ class ProcessQueue:
             await asyncio.gather(job, return_exceptions=True)
         finally:
             self.cancelling.discard(process_id)
-
-    def progress_of(self, process: GenerativeProcess) -> tuple[int, int] | None:
-        """(steps done, steps in all): fresh for a process running here, else as last recorded."""
-        steps = self.progress.get(process.id) if process.status is RunStatus.STARTED else None
-        if steps is None and process.progress_total:
-            steps = (process.progress_step or 0, process.progress_total)
-        return steps
-
-    async def _watch_progress(self) -> None:
-        """Ask the model how far its running call is while it holds processes of ours; keep the
-        answer for this replica's routes and write it about once a second for the others."""
-        written = 0.0
-        while not self.draining:
-            await asyncio.sleep(PROGRESS_POLL_S)
-            if not self.at_model or self.model_progress is None:
-                self.progress = {}
-                continue
-            try:
-                reported = await self.model_progress()
-            except Exception as exc:  # the model busy starting or stopping: next time
-                log.debug("progress unavailable: %s", type(exc).__name__)
-                continue
-            self.progress = {job: steps for job, steps in reported.items() if job in self.at_model}
-            if self.progress and time.monotonic() - written >= PROGRESS_WRITE_S:
-                try:
-                    await self.db(self.store.record_progress, dict(self.progress))
-                    written = time.monotonic()
-                except Exception as exc:  # the database away: the routes here still know
-                    log.warning("progress not recorded: %s", type(exc).__name__)
 
     async def drain(self) -> None:
         """Refuse new work, let running generations finish, put the rest back in the queue."""

@@ -119,7 +119,7 @@ def process_json(backend: Backend, process: GenerativeProcess, as_base64: bool =
         "input": rows_json(backend.task.process_input_from_database(process.input)),
         "output": rows_json(output),
         # Not in DashAI's answer (its front end ignores it): denoising steps done and in all.
-        "progress": progress_json(backend.queue.progress_of(process)),
+        "progress": progress_json(backend.queue.progress.of(process)),
     }
 
 
@@ -333,7 +333,7 @@ async def process_events(process_id: RowId, backend: BackendDep) -> EventSourceR
         process, last = first, None
         while True:
             state = {"id": process.id, "status": int(process.status),
-                     "progress": progress_json(backend.queue.progress_of(process))}
+                     "progress": progress_json(backend.queue.progress.of(process))}
             if state != last:
                 yield {"data": json.dumps(state)}
                 last = state

@@ -42,7 +42,7 @@ def _dashai_time(moment: datetime | None) -> str | None:
 
 def job_json(backend: Backend, process: GenerativeProcess) -> dict[str, Any]:
     error = next((row.data for row in process.output if row.data.startswith(ERROR_PREFIX)), None)
-    steps = backend.queue.progress_of(process)
+    steps = backend.queue.progress.of(process)
     return {
         "id": process.id,
         "task_type": JOB_TYPE,
