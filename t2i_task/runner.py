@@ -181,14 +181,14 @@ class DiffusionRunner:
         started = time.perf_counter()
         self.pipeline = load_pipeline(model_path, self.placement, scheduler, local_files_only)
         self._lock = threading.Lock()  # a pipeline's scheduler holds per-call state: one call at a time
-        self._optimize(runtime.compile)
-        self.load_seconds = time.perf_counter() - started
-        self.max_images_per_call = max_images_per_call
         # Jobs whose images nobody wants any more; a call made only of such jobs stops at its
         # next step. Written by `cancel` from another thread while a call runs.
         self._cancelled: set[int] = set()
         # Denoising steps done and in all, per job of the running call: read by `progress`.
         self._progress: dict[int, tuple[int, int]] = {}
+        self._optimize(runtime.compile)
+        self.load_seconds = time.perf_counter() - started
+        self.max_images_per_call = max_images_per_call
         log.info(
             "loaded %s on %s (%s, %s attention) in %.2fs",
             model_path, self.placement.device, self.placement.dtype, self.placement.attention, self.load_seconds,
