@@ -4,11 +4,12 @@ Two BentoML services:
 
 - `DiffusionService` owns the `DiffusionRunner` and exposes one batchable
   `generate`: BentoML's adaptive batcher joins concurrent requests into one
-  pipeline call.
+  pipeline call. Beside it, `progress` and `cancel` answer while a call runs.
 - `TextToImageService` speaks HTTP: a FastAPI app mounted at `/` with one
   router per API (`t2i_task/api/dashai.py`, `t2i_task/api/openai.py`). It owns
   the store, the task's adapters and the process queue
-  (`t2i_task/processes.py`), and sends every generation, from every endpoint,
+  (`t2i_task/processes.py`, which hands work over when the model has room:
+  `t2i_task/scheduler.py`), and sends every generation, from every endpoint,
   through `DiffusionService.generate`.
 
 A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
@@ -41,7 +42,7 @@ from t2i_task.task import TextToImageGenerationTask
 settings = load_settings()
 logger = logging.getLogger("t2i.service")
 MODEL_READY_POLL_S = 0.5
-CANCEL_TIMEOUT_S = 5  # a cancel or a progress question answers even if the model service does not
+MODEL_CONTROL_TIMEOUT_S = 5  # a cancel or a progress question gets an answer even if the model service gives none
 
 
 class GeneratedImages(BaseModel):
@@ -172,14 +173,14 @@ class TextToImageService:
         return GenerationResult(images=generated.images(), seeds=generated.seeds, error=generated.error)
 
     async def model_progress(self) -> dict[int, tuple[int, int]]:
-        reported = await asyncio.wait_for(self.diffusion.to_async.progress(), CANCEL_TIMEOUT_S)
+        reported = await asyncio.wait_for(self.diffusion.to_async.progress(), MODEL_CONTROL_TIMEOUT_S)
         return {int(job): (steps[0], steps[1]) for job, steps in reported.items()}
 
     async def cancel_at_model(self, jobs: list[int]) -> None:
         """Tell the model service these jobs are cancelled; if it cannot be reached, their call
         simply runs to its end and its images are dropped."""
         try:
-            await asyncio.wait_for(self.diffusion.to_async.cancel(jobs), CANCEL_TIMEOUT_S)
+            await asyncio.wait_for(self.diffusion.to_async.cancel(jobs), MODEL_CONTROL_TIMEOUT_S)
         except (aiohttp.ClientError, TimeoutError) as exc:
             logger.warning("could not tell the model service to cancel %s: %s", jobs, type(exc).__name__)
 
