@@ -232,7 +232,7 @@ class DiffusionRunner:
         """(steps done, steps in all) of each job in the running call."""
         return dict(self._progress)
 
-    def _stop_if_unwanted(self, jobs: frozenset[int | None], total: int):
+    def _step_callback(self, jobs: frozenset[int | None], total: int):
         """The step-end callback: records progress, and stops a call nobody wants any more."""
         known = [job for job in jobs if job is not None]
 
@@ -335,5 +335,5 @@ class DiffusionRunner:
             generator=generators,
             output_type="pil",
             # Only calls made for known jobs pay for a callback at each step.
-            callback_on_step_end=self._stop_if_unwanted(jobs, first.num_inference_steps) if jobs != {None} else None,
+            callback_on_step_end=self._step_callback(jobs, first.num_inference_steps) if jobs != {None} else None,
         )

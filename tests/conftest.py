@@ -6,6 +6,8 @@ import os
 import uuid
 from pathlib import Path
 
+import httpx
+import openai
 import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
@@ -78,8 +80,26 @@ def gate(server_folder) -> Gate:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_path, server_folder, gate):
+def server_config() -> dict:
+    """Configuration sections a test module changes for its `server` (a module overrides this fixture)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, server_folder, gate, server_config):
     """The real server (`bentoml serve`) on a free loopback port, with its own database and images folder."""
-    server = start_server(write_config(server_folder, tiny_model_path), env=gate.env())
+    server = start_server(write_config(server_folder, tiny_model_path, **server_config), env=gate.env())
     yield server
     server.stop()
+
+
+@pytest.fixture
+def http(server):
+    with httpx.Client(base_url=server.url, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture
+def client(server):
+    """The stock `openai` client, pointed at the server."""
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)

@@ -15,8 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from t2i_task.local_server import start_server, write_config
-from tests.gate import Gate, wait_until_queued_at_model
+from tests.gate import wait_until_queued_at_model
 from tests.test_service import TASK, batch_size_totals, wait_until_ended
 
 COST = {"overhead_s": 0.0, "seconds_per_megapixel_step": 4.5}
@@ -24,33 +23,9 @@ LARGEST = {"width": 256, "height": 256, "num_inference_steps": 21}
 
 
 @pytest.fixture(scope="module")
-def capacity_folder(tmp_path_factory):
-    return tmp_path_factory.mktemp("capacity")
-
-
-@pytest.fixture(scope="module")
-def capacity_gate(capacity_folder):
-    return Gate(capacity_folder)
-
-
-@pytest.fixture(scope="module")
-def capacity_server(tiny_model_path, capacity_folder, capacity_gate):
-    config = write_config(
-        capacity_folder, tiny_model_path,
-        model={"cost": COST},
-        serving={"request_timeout_s": 10},
-        batching={"max_latency_ms": 8000},
-        limits={"max_width": 256, "max_height": 256, "max_steps": 50},
-    )
-    server = start_server(config, env=capacity_gate.env())
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def http(capacity_server):
-    with httpx.Client(base_url=capacity_server.url, timeout=120) as client:
-        yield client
+def server_config():
+    return {"model": {"cost": COST}, "serving": {"request_timeout_s": 10}, "batching": {"max_latency_ms": 8000},
+            "limits": {"max_width": 256, "max_height": 256, "max_steps": 50}}
 
 
 def test_a_request_above_the_cost_limit_is_refused_naming_the_largest_size_and_steps(http):
@@ -92,24 +67,24 @@ def test_sixteen_processes_at_the_largest_allowed_size_all_finish(http):
     assert (after[0] - before[0], after[1] - before[1]) == (16, 16)
 
 
-def test_a_live_requests_retry_after_grows_with_the_work_ahead_of_it(capacity_server, capacity_gate, http):
+def test_a_live_requests_retry_after_grows_with_the_work_ahead_of_it(server, gate, http):
     def generate(size: str, steps: int = 21) -> httpx.Response:
         return http.post("/v1/images/generations", json={
             "prompt": "a blue square", "size": size, "num_inference_steps": steps, "response_format": "b64_json"})
 
     retry_afters = []
-    with ThreadPoolExecutor(4) as pool, capacity_gate.closed():
+    with ThreadPoolExecutor(4) as pool, gate.closed():
         # Each 128x128 request is 1.55 s of estimated work; the probe, 256x256, is 6.19 s.
         held = []
         for ahead in range(1, 4):
             held.append(pool.submit(generate, "128x128"))
-            wait_until_queued_at_model(capacity_server.url, ahead)
+            wait_until_queued_at_model(server.url, ahead)
             probe = generate("256x256")
             assert probe.status_code == 429, probe.text
             assert "of work is ahead of this request" in probe.json()["error"]["message"]
             retry_afters.append(int(probe.headers["retry-after"]))
         # A small request still fits beside the held work, so it is admitted, not refused.
         small = pool.submit(generate, "32x32", 1)
-        wait_until_queued_at_model(capacity_server.url, 4)
+        wait_until_queued_at_model(server.url, 4)
     assert retry_afters == [2, 3, 5]
     assert [answer.result().status_code for answer in (*held, small)] == [200] * 4

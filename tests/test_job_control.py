@@ -8,8 +8,7 @@ import json
 import httpx
 import pytest
 
-from t2i_task.local_server import start_server, write_config
-from tests.gate import Gate, wait_for
+from tests.gate import wait_for
 from tests.test_service import TASK, wait_until_ended
 
 LONG = 400  # steps: seconds on this CPU, long enough to watch
@@ -19,28 +18,9 @@ ONE_AT_A_TIME = {"overhead_s": 4.0, "seconds_per_megapixel_step": 0.001}
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return tmp_path_factory.mktemp("cancel")
-
-
-@pytest.fixture(scope="module")
-def gate(folder):
-    return Gate(folder)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_model_path, folder, gate):
-    config = write_config(folder, tiny_model_path, model={"cost": ONE_AT_A_TIME}, limits={"max_steps": 400},
-                          serving={"request_timeout_s": 60}, batching={"max_latency_ms": 8000})
-    server = start_server(config, env=gate.env())
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=120) as client:
-        yield client
+def server_config():
+    return {"model": {"cost": ONE_AT_A_TIME}, "limits": {"max_steps": LONG},
+            "serving": {"request_timeout_s": 60}, "batching": {"max_latency_ms": 8000}}
 
 
 def submit(http, session_id: int, prompt: str) -> dict:
@@ -56,8 +36,8 @@ def session(http, name: str, **parameters) -> int:
     return created.json()["id"]
 
 
-def steps_run(folder, prompt: str) -> list[int]:
-    log = folder / "gate.steps"
+def steps_run(server_folder, prompt: str) -> list[int]:
+    log = server_folder / "gate.steps"
     lines = log.read_text().splitlines() if log.exists() else []
     return [int(steps) for first, steps in (line.split("\t") for line in lines) if first == prompt]
 
@@ -81,9 +61,9 @@ def test_a_queued_process_cancelled_never_starts(http, gate):
     assert http.post(f"/api/v1/generative-process/{running['id']}/cancel").status_code == 409
 
 
-def test_a_running_process_cancelled_stops_at_its_next_step_and_writes_no_image(http, gate, folder):
+def test_a_running_process_cancelled_stops_at_its_next_step_and_writes_no_image(http, gate, server_folder):
     sid = session(http, "running", num_inference_steps=50)
-    images_before = set((folder / "images").glob("*.png"))
+    images_before = set((server_folder / "images").glob("*.png"))
     with gate.closed():
         running = submit(http, sid, "a long one")
         gate.wait_until_held()  # in the pipeline call, about to run 50 steps
@@ -91,11 +71,11 @@ def test_a_running_process_cancelled_stops_at_its_next_step_and_writes_no_image(
         cancelled = http.post(f"/api/v1/generative-process/{running['id']}/cancel")
         assert cancelled.status_code == 202
         assert cancelled.json()["status"] == 4 and cancelled.json()["start_time"] is not None
-    [steps] = wait_for(lambda: steps_run(folder, "a long one"), what="the cancelled call to return")
+    [steps] = wait_for(lambda: steps_run(server_folder, "a long one"), what="the cancelled call to return")
     assert steps <= 2, f"the cancelled call ran {steps} of 50 steps"
     ended = http.get(f"/api/v1/generative-process/{running['id']}").json()
     assert [row["data"] for row in ended["output"]] == ["Error details: cancelled"]
-    assert set((folder / "images").glob("*.png")) == images_before
+    assert set((server_folder / "images").glob("*.png")) == images_before
     # The model is free again.
     after = submit(http, session(http, "after", num_inference_steps=2), "after the cancel")
     assert wait_until_ended(http, after["id"])["status"] == 3
@@ -161,7 +141,7 @@ def test_the_event_stream_follows_a_process_and_closes_on_its_final_status(http)
     assert http.get("/api/v1/generative-process/999999/events").status_code == 404
 
 
-def test_a_live_call_whose_client_leaves_is_cancelled_and_its_call_stopped(server, http, gate, folder):
+def test_a_live_call_whose_client_leaves_is_cancelled_and_its_call_stopped(server, http, gate, server_folder):
     prompt = "nobody waits for this"
     with gate.closed():
         with pytest.raises(httpx.ReadTimeout):  # the client gives up while its call is held in the pipeline
@@ -176,5 +156,5 @@ def test_a_live_call_whose_client_leaves_is_cancelled_and_its_call_stopped(serve
 
         process = wait_for(cancelled, what="the left call's process to be cancelled")
         assert [row["data"] for row in process["output"]] == ["Error details: cancelled"]
-    [steps] = wait_for(lambda: steps_run(folder, prompt), what="the left call to return")
+    [steps] = wait_for(lambda: steps_run(server_folder, prompt), what="the left call to return")
     assert steps <= 2, f"the left call ran {steps} of {LONG} steps"

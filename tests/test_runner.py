@@ -298,7 +298,7 @@ def test_a_compiler_that_fails_is_a_startup_error_when_forced_and_a_logged_fallb
 
 def test_a_call_whose_jobs_are_all_cancelled_stops_at_the_next_step(runner, monkeypatch):
     steps: list[int] = []
-    stop_unwanted = runner._stop_if_unwanted
+    stop_unwanted = runner._step_callback
 
     def cancel_at_step_two(jobs, total):  # the cancel arrives, from another thread, while step 2 runs
         check = stop_unwanted(jobs, total)
@@ -311,7 +311,7 @@ def test_a_call_whose_jobs_are_all_cancelled_stops_at_the_next_step(runner, monk
 
         return on_step_end
 
-    monkeypatch.setattr(runner, "_stop_if_unwanted", cancel_at_step_two)
+    monkeypatch.setattr(runner, "_step_callback", cancel_at_step_two)
     [result] = runner.generate([request(num_inference_steps=50, job=11)])
     assert steps == [0, 1] and result.error.startswith("Cancelled") and not result.images
 
@@ -325,7 +325,7 @@ def test_a_call_whose_jobs_are_all_cancelled_stops_at_the_next_step(runner, monk
 
 def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
     alone = runner.generate([request(prompt="a white circle", seed=7, num_inference_steps=4, job=21)])[0]
-    stop_unwanted = runner._stop_if_unwanted
+    stop_unwanted = runner._step_callback
 
     def cancel_one_at_step_one(jobs, total):
         check = stop_unwanted(jobs, total)
@@ -337,7 +337,7 @@ def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
 
         return on_step_end
 
-    monkeypatch.setattr(runner, "_stop_if_unwanted", cancel_one_at_step_one)
+    monkeypatch.setattr(runner, "_step_callback", cancel_one_at_step_one)
     kept, _ = runner.generate([request(prompt="a white circle", seed=7, num_inference_steps=4, job=22),
                                request(prompt="noise", seed=8, num_inference_steps=4, job=23)])
     assert kept.error is None
@@ -346,7 +346,7 @@ def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
 
 def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
     seen: list[dict] = []
-    report = runner._stop_if_unwanted
+    report = runner._step_callback
 
     def watching(jobs, total):
         callback = report(jobs, total)
@@ -358,7 +358,7 @@ def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
 
         return on_step_end
 
-    monkeypatch.setattr(runner, "_stop_if_unwanted", watching)
+    monkeypatch.setattr(runner, "_step_callback", watching)
     runner.generate([request(num_inference_steps=3, job=31), request(num_inference_steps=3, job=32, seed=2)])
     assert seen == [{31: (1, 3), 32: (1, 3)}, {31: (2, 3), 32: (2, 3)}, {31: (3, 3), 32: (3, 3)}]
     assert runner.progress() == {}  # the call is over

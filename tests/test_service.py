@@ -20,17 +20,6 @@ TASK = "TextToImageGenerationTask"
 BATCH_TOLERANCE = 2  # as in test_runner: rounding differences between batch sizes, of 255
 
 
-@pytest.fixture
-def http(server):
-    with httpx.Client(base_url=server.url, timeout=60) as client:
-        yield client
-
-
-@pytest.fixture
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
-
-
 def create_session(http, name, **parameters) -> dict:
     response = http.post(
         "/api/v1/generative-session/",

@@ -136,7 +136,7 @@ async def generate_images(body: ImageGenerationRequest, request: Request, backen
         "data": data,
         # Echoed as OpenAI's GPT image models do.
         "size": f"{params.width}x{params.height}",
-        "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality or "medium"),
+        "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality),
         "output_format": output_format,
         "background": "opaque",
     }
