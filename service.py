@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
+from typing import Any
 
 import aiohttp
 import bentoml
@@ -34,7 +36,8 @@ from t2i_task.api.backend import Backend
 from t2i_task.api.errors import install_error_handlers
 from t2i_task.config import load_settings
 from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
-from t2i_task.processes import ModelUnavailable, ProcessQueue
+from t2i_task.failures import ModelUnavailable
+from t2i_task.processes import ProcessQueue
 from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
 from t2i_task.store import Store
 from t2i_task.task import TextToImageGenerationTask
@@ -54,9 +57,24 @@ class GeneratedImages(BaseModel):
     pixels: list[bytes]
     seeds: list[int]
     error: str | None = None  # set when this request failed even when run alone
+    previews: list[bytes] = []  # its partial images, same size
+    prompt_tokens: int = 0
 
-    def images(self) -> list[Image.Image]:
-        return [Image.frombytes("RGB", (self.width, self.height), data) for data in self.pixels]
+    @classmethod
+    def of(cls, request: GenerationRequest, result: GenerationResult) -> GeneratedImages:
+        return cls(width=request.width, height=request.height, pixels=raw(result.images), seeds=result.seeds,
+                   error=result.error, previews=raw(result.previews), prompt_tokens=result.prompt_tokens)
+
+    def result(self) -> GenerationResult:
+        return GenerationResult(images=self._images(self.pixels), seeds=self.seeds, error=self.error,
+                                previews=self._images(self.previews), prompt_tokens=self.prompt_tokens)
+
+    def _images(self, pixels: list[bytes]) -> list[Image.Image]:
+        return [Image.frombytes("RGB", (self.width, self.height), data) for data in pixels]
+
+
+def raw(images: list[Image.Image]) -> list[bytes]:
+    return [image.convert("RGB").tobytes() for image in images]
 
 
 @bentoml.service(
@@ -86,21 +104,17 @@ class DiffusionService:
         max_latency_ms=settings.batching.max_latency_ms,
     )
     def generate(self, requests: list[GenerationRequest]) -> list[GeneratedImages]:
-        return [
-            GeneratedImages(
-                width=request.width,
-                height=request.height,
-                pixels=[image.convert("RGB").tobytes() for image in result.images],
-                seeds=result.seeds,
-                error=result.error,
-            )
-            for request, result in zip(requests, self.runner.generate(requests))
-        ]
+        return [GeneratedImages.of(request, result) for request, result in zip(requests, self.runner.generate(requests))]
 
     @bentoml.api
     async def progress(self) -> dict[str, list[int]]:
-        """(steps done, steps in all) of each job in the running call, by job id."""
-        return {str(job): list(steps) for job, steps in self.runner.progress().items()}
+        """(steps done, steps in all, partial images decoded) of each job in the running call, by job id."""
+        return {str(job): [*steps, len(self.runner.previews(job))] for job, steps in self.runner.progress().items()}
+
+    @bentoml.api
+    async def previews(self, job: int, since: int = 0) -> list[bytes]:
+        """A running job's partial images from the `since`-th on, as raw RGB of its size."""
+        return raw(self.runner.previews(job, since))
 
     @bentoml.api
     async def cancel(self, jobs: list[int]) -> bool:
@@ -108,6 +122,46 @@ class DiffusionService:
         on the worker's event loop while `generate` holds the worker's one sync thread."""
         self.runner.cancel(jobs)
         return True
+
+
+class DiffusionClient:
+    """`DiffusionService` as the process queue uses it (`t2i_task.processes.Model`), over
+    BentoML's client between the two services (looked up at each call: BentoML sets it up
+    after the API service is built)."""
+
+    def __init__(self, service: Callable[[], Any]) -> None:
+        self.service = service
+
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """One request through the batcher."""
+        try:
+            [generated] = await self.service().to_async.generate([request])
+        except aiohttp.ClientConnectionError as exc:
+            # The model's worker is stopping (SIGTERM reaches it and this process
+            # at once) or restarting after a crash.
+            raise ModelUnavailable(f"The model service is unavailable ({type(exc).__name__}).") from exc
+        return generated.result()
+
+    async def progress(self) -> dict[int, tuple[int, int, int]]:
+        reported = await asyncio.wait_for(self.service().to_async.progress(), MODEL_CONTROL_TIMEOUT_S)
+        return {int(job): (steps[0], steps[1], steps[2]) for job, steps in reported.items()}
+
+    async def previews(self, job: int, since: int, size: tuple[int, int]) -> list[Image.Image]:
+        """A running job's partial images from the `since`-th on ([] if the model cannot say now)."""
+        try:
+            pixels = await asyncio.wait_for(self.service().to_async.previews(job, since), MODEL_CONTROL_TIMEOUT_S)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.debug("previews of %s unavailable: %s", job, type(exc).__name__)
+            return []
+        return [Image.frombytes("RGB", size, data) for data in pixels]
+
+    async def cancel(self, jobs: list[int]) -> None:
+        """Tell the model service these jobs are cancelled; if it cannot be reached, their call
+        simply runs to its end and its images are dropped."""
+        try:
+            await asyncio.wait_for(self.service().to_async.cancel(jobs), MODEL_CONTROL_TIMEOUT_S)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            logger.warning("could not tell the model service to cancel %s: %s", jobs, type(exc).__name__)
 
 
 app = FastAPI(
@@ -131,7 +185,7 @@ class TextToImageService:
     def __init__(self) -> None:
         store = Store(settings.storage.database_url, settings.storage.images_dir)
         task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
-        self.queue = ProcessQueue(store, task, settings, self.call_model, self.cancel_at_model, self.model_progress)
+        self.queue = ProcessQueue(store, task, settings, DiffusionClient(lambda: self.diffusion))
         self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None
@@ -151,7 +205,7 @@ class TextToImageService:
     async def _model_ready(self) -> bool:
         try:
             return await self.diffusion.is_ready(5)
-        except aiohttp.ClientError:
+        except (aiohttp.ClientError, TimeoutError):  # still loading: is_ready's own timeout raises
             return False
 
     @bentoml.on_shutdown
@@ -161,28 +215,6 @@ class TextToImageService:
             self._resuming.cancel()
         await self.queue.drain()
         self.backend.store.close()
-
-    async def call_model(self, request: GenerationRequest) -> GenerationResult:
-        """One request through the batcher."""
-        try:
-            [generated] = await self.diffusion.to_async.generate([request])
-        except aiohttp.ClientConnectionError as exc:
-            # The model's worker is stopping (SIGTERM reaches it and this process
-            # at once) or restarting after a crash.
-            raise ModelUnavailable(f"The model service is unavailable ({type(exc).__name__}).") from exc
-        return GenerationResult(images=generated.images(), seeds=generated.seeds, error=generated.error)
-
-    async def model_progress(self) -> dict[int, tuple[int, int]]:
-        reported = await asyncio.wait_for(self.diffusion.to_async.progress(), MODEL_CONTROL_TIMEOUT_S)
-        return {int(job): (steps[0], steps[1]) for job, steps in reported.items()}
-
-    async def cancel_at_model(self, jobs: list[int]) -> None:
-        """Tell the model service these jobs are cancelled; if it cannot be reached, their call
-        simply runs to its end and its images are dropped."""
-        try:
-            await asyncio.wait_for(self.diffusion.to_async.cancel(jobs), MODEL_CONTROL_TIMEOUT_S)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            logger.warning("could not tell the model service to cancel %s: %s", jobs, type(exc).__name__)
 
 
 # In this order, outermost first: CORS answers browsers' preflights (they carry no key),

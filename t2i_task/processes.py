@@ -7,24 +7,31 @@ what this instance had in hand when it last stopped (or lost track of during a
 database outage), gives up with a reason on work that keeps being interrupted,
 and on shutdown lets running generations finish and puts the rest back.
 
-It knows the store and the task's adapters; the model is a coroutine it is
-given (`call_model`), and HTTP is the caller's business.
+Live calls (OpenAI's, whose client waits on the connection) are processes too:
+`start_live` stores and starts one, and its caller watches it, takes its partial
+images as they come and stops it when its client leaves.
+
+It knows the store and the task's adapters; the model is a client it is given
+(`Model`, service.py's `DiffusionClient`), and HTTP is the caller's business.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import Awaitable, Callable
-from pathlib import Path
+from dataclasses import dataclass, field
+from typing import Protocol
 
 from anyio import to_thread
+from PIL import Image
 from pydantic import ValidationError
 
 from t2i_task.config import GenerationParameters, Settings
+from t2i_task.failures import (ClientGone, GenerationFailed, ModelUnavailable, ProcessEnded, QueueFull,
+                               ShuttingDown, describe_failure)
 from t2i_task.models import GenerativeProcess, RunStatus
-from t2i_task.progress import ModelProgress, ProgressWatch
+from t2i_task.progress import ProgressWatch
 from t2i_task.runner import GenerationRequest, GenerationResult
 from t2i_task.scheduler import ModelScheduler, Priority
 from t2i_task.store import Store
@@ -34,55 +41,42 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 15
 
-ModelCall = Callable[[GenerationRequest], Awaitable[GenerationResult]]
-ModelCancel = Callable[[list[int]], Awaitable[None]]
 CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
 
-class QueueFull(Exception):
-    """More generations are admitted than `serving.max_queued_generations`, or a live request
-    could not finish in time behind the work already waiting: retry after `retry_after_s`."""
+class Model(Protocol):
+    """The model service as the queue uses it."""
 
-    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+    async def generate(self, request: GenerationRequest) -> GenerationResult:
+        """One request through the batcher; ModelUnavailable if the service is gone."""
 
+    async def cancel(self, jobs: list[int]) -> None:
+        """Tell the running call these jobs are cancelled (it stops if nothing else in it is wanted)."""
 
-class ShuttingDown(Exception):
-    """The server is draining: no new work."""
+    async def progress(self) -> dict[int, tuple[int, int, int]]:
+        """(steps done, steps in all, partial images decoded) of each job in the running call."""
 
-
-class ModelUnavailable(Exception):
-    """The model service cannot be reached (it is stopping, or restarting after a crash):
-    not the process's fault, so a queued process goes back to the queue."""
+    async def previews(self, job: int, since: int, size: tuple[int, int]) -> list[Image.Image]:
+        """A running job's partial images from the `since`-th on."""
 
 
-class ClientGone(Exception):
-    """The caller of a live request disconnected; its generation was cancelled."""
+@dataclass
+class Finished:
+    """A process that ended FINISHED: its output rows and what its call gave besides the images."""
+
+    outputs: list[tuple[str, str]]  # (image file name, kind), as stored
+    previews: list[Image.Image] = field(default_factory=list)
+    prompt_tokens: int = 0
 
 
-class ProcessEnded(Exception):
-    """The process has already ended, or cannot be cancelled from here."""
+@dataclass
+class LiveCall:
+    """A live generation in flight: its process and the task running it (its result: Finished)."""
 
-
-class GenerationFailed(Exception):
-    """The model could not generate a request (out of memory even when run alone, say)."""
-
-
-def describe_failure(exc: BaseException) -> str:
-    """The reason stored in an ERROR process's output row: a sentence a person can read."""
-    if isinstance(exc, OSError) and exc.filename:
-        return f"{type(exc).__name__}: {exc.strerror} ({Path(exc.filename).name})"
-    message = str(exc) or type(exc).__name__
-    # BentoML's client raises with the model service's JSON body as its message,
-    # e.g. {"error": "Not able to process the request in 600.0 seconds"}: keep the sentence.
-    try:
-        body = json.loads(message)
-    except ValueError:
-        return message
-    reason = body.get("error") if isinstance(body, dict) else None
-    return reason if isinstance(reason, str) and reason else message
+    process_id: int
+    params: GenerationParameters
+    running: asyncio.Task
 
 
 class ProcessQueue:
@@ -91,13 +85,11 @@ class ProcessQueue:
         store: Store,
         task: TextToImageGenerationTask,
         settings: Settings,
-        call_model: ModelCall,
-        cancel_at_model: ModelCancel | None = None,
-        model_progress: ModelProgress | None = None,
+        model: Model,
     ) -> None:
-        self.store, self.task, self.call_model, self.cancel_at_model = store, task, call_model, cancel_at_model
+        self.store, self.task, self.model = store, task, model
         # How far the processes at the model are (t2i_task/progress.py).
-        self.progress = ProgressWatch(store, model_progress, running=lambda: self.at_model)
+        self.progress = ProgressWatch(store, model.progress, running=lambda: self.at_model)
         self.serving = settings.serving
         self.model_name = settings.model.name
         self.cost = settings.model.cost
@@ -122,6 +114,7 @@ class ProcessQueue:
         self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size)
         self._sweeper: asyncio.Task | None = None
         self._progress_watcher: asyncio.Task | None = None
+        self._stopping: set[asyncio.Task] = set()  # stops of abandoned live calls, held until done
 
     async def db(self, call: Callable, *args, **kwargs):
         """Run a blocking store call off the event loop."""
@@ -148,18 +141,13 @@ class ProcessQueue:
             self.accept(process, params)
         return process
 
-    async def run_now(
-        self,
-        session_id: int,
-        inputs: list[tuple[str, str]],
-        params: GenerationParameters,
-        client_gone: Callable[[], Awaitable[bool]] | None = None,
-    ) -> list[tuple[str, str]]:
-        """Store a new process and run it while the caller waits: its output rows.
+    async def start_live(
+        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters, partial_images: int = 0
+    ) -> LiveCall:
+        """Store a new process and start it for a caller who waits (live priority), with
+        `partial_images` previews of each image decoded while it is drawn.
 
         Refused (QueueFull) when the work ahead of it would keep it from finishing in time.
-        If `client_gone` says the caller left, the process is cancelled (its slot freed, its
-        call stopped where nothing else in it is wanted) and ClientGone is raised.
         """
         self.admit()
         wait_s = self.scheduler.wait_s(self.cost_s(params), Priority.LIVE)
@@ -168,26 +156,66 @@ class ProcessQueue:
             raise QueueFull(f"Server busy: about {ahead:.0f} s of work is ahead of this request, which could not "
                             f"finish in time. Retry later.", retry_after_s=wait_s)
         self.answering += 1
-        process = None
         try:
             async with self._claims:
                 process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
                                         steps=params.num_inference_steps)
                 self.in_hand.add(process.id)
-            running = asyncio.ensure_future(self.generate(process, params, priority=Priority.LIVE))
-            try:
-                while client_gone is not None and not running.done():
-                    await asyncio.wait({running}, timeout=CLIENT_POLL_S)
-                    if not running.done() and await client_gone():
-                        await self._stop(process.id, running)
-                        raise ClientGone(f"The client of process {process.id} went away; it was cancelled.")
-                return await running
-            finally:
-                running.cancel()  # this request itself cancelled (the server stopping, say): so is its work
-        finally:
+        except BaseException:
             self.answering -= 1
-            if process is not None:
-                self.in_hand.discard(process.id)
+            raise
+        running = asyncio.ensure_future(self.generate(process, params, priority=Priority.LIVE,
+                                                      partial_images=partial_images))
+
+        def answered(_: asyncio.Task) -> None:
+            self.answering -= 1
+            self.in_hand.discard(process.id)
+
+        running.add_done_callback(answered)
+        return LiveCall(process.id, params, running)
+
+    async def run_now(
+        self,
+        session_id: int,
+        inputs: list[tuple[str, str]],
+        params: GenerationParameters,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Finished:
+        """Store a new process and run it while the caller waits (see `start_live`).
+
+        If `client_gone` says the caller left, or the caller is cancelled, the process is
+        cancelled (its slot freed, its call stopped where nothing else in it is wanted); for
+        the first, ClientGone is raised.
+        """
+        live = await self.start_live(session_id, inputs, params)
+        try:
+            while client_gone is not None and not live.running.done():
+                await asyncio.wait({live.running}, timeout=CLIENT_POLL_S)
+                if not live.running.done() and await client_gone():
+                    await self.stop_live(live)
+                    raise ClientGone(f"The client of process {live.process_id} went away; it was cancelled.")
+            return await asyncio.shield(live.running)
+        except asyncio.CancelledError:  # this request itself cancelled (the server stopping, say): so is its work
+            self.abandon(live)
+            raise
+
+    async def previews(self, live: LiveCall, since: int) -> list[Image.Image]:
+        """The live call's partial images from the `since`-th on, once the model has decoded them."""
+        if self.progress.previews_ready.get(live.process_id, 0) <= since:
+            return []
+        return await self.model.previews(live.process_id, since, (live.params.width, live.params.height))
+
+    async def stop_live(self, live: LiveCall) -> None:
+        """Cancel a live call: its process ends ERROR "cancelled", the model stops its call at
+        the next step if nothing else in it is wanted."""
+        if not live.running.done():
+            await self._stop(live.process_id, live.running)
+
+    def abandon(self, live: LiveCall) -> None:
+        """`stop_live` from a caller that is being cancelled itself and cannot wait for it."""
+        stopping = asyncio.ensure_future(self.stop_live(live))
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
 
     # Running processes
 
@@ -224,10 +252,11 @@ class ProcessQueue:
         params: GenerationParameters,
         requeue_if_stopped: bool = False,
         priority: Priority = Priority.QUEUED,
-    ) -> list[tuple[str, str]]:
+        partial_images: int = 0,
+    ) -> Finished:
         """Run one stored process to its end: FINISHED with its images, or ERROR with the reason.
 
-        Returns the output rows (file names) on success, raises on failure. If
+        Returns its output rows (file names) on success, raises on failure. If
         the server is stopping (the task cancelled, draining, or the model
         service gone) and `requeue_if_stopped`, a started process goes back to
         DELIVERED for the next start or sweep instead: stopping is not its failure.
@@ -246,13 +275,14 @@ class ProcessQueue:
                 seed=params.seed,
                 num_images=params.num_images_per_prompt,
                 job=process.id,
+                partial_images=partial_images,
             )
             async with self.scheduler.slot(self.cost_s(params), priority):
                 await self.db(self.store.start_process, process.id)
                 started = True
                 self.at_model.add(process.id)
                 try:
-                    generated = await self.call_model(request)
+                    generated = await self.model.generate(request)
                 finally:
                     self.at_model.discard(process.id)
                     self.progress.forget(process.id)
@@ -275,7 +305,7 @@ class ProcessQueue:
                                                  parameters=provenance)
             )
             await self.db(self.store.finish_process, process.id, saved)
-            return saved
+            return Finished(saved, generated.previews, generated.prompt_tokens)
         except BaseException as exc:
             self.store.remove_images(name for name, _ in saved)
             try:
@@ -345,8 +375,8 @@ class ProcessQueue:
         whose generate() records the process as ERROR "cancelled"."""
         self.cancelling.add(process_id)
         try:
-            if process_id in self.at_model and self.cancel_at_model is not None:
-                await self.cancel_at_model([process_id])
+            if process_id in self.at_model:
+                await self.model.cancel([process_id])
             job.cancel()
             await asyncio.gather(job, return_exceptions=True)
         finally:

@@ -29,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2i_task.config import RuntimeConfig
+from t2i_task.previews import MAX_PARTIAL_IMAGES, decode_latents, preview_steps
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,8 @@ class GenerationRequest(BaseModel):
     seed: int | None = Field(default=None, ge=RANDOM_SEED, le=MAX_SEED, description="None or -1: random.")
     num_images: int = Field(default=1, ge=1)
     job: int | None = Field(default=None, description="Who asked (a process id): what `cancel` names.")
+    partial_images: int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES,
+                                description="Previews of each image to decode while it is drawn (previews.py).")
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call."""
@@ -64,6 +67,8 @@ class GenerationResult:
     images: list[Image.Image] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     error: str | None = None  # why this request failed, even when run alone
+    previews: list[Image.Image] = field(default_factory=list)  # its partial images, each image's in step order
+    prompt_tokens: int = 0  # the prompt's length in the model's tokens, as far as the model reads it
 
 
 class Cancelled(RuntimeError):
@@ -186,6 +191,8 @@ class DiffusionRunner:
         self._cancelled: set[int] = set()
         # Denoising steps done and in all, per job of the running call: read by `progress`.
         self._progress: dict[int, tuple[int, int]] = {}
+        # Partial images decoded so far, per job of the running call: read by `previews`.
+        self._previews: dict[int, list[Image.Image]] = {}
         self._optimize(runtime.compile)
         self.load_seconds = time.perf_counter() - started
         self.max_images_per_call = max_images_per_call
@@ -232,13 +239,31 @@ class DiffusionRunner:
         """(steps done, steps in all) of each job in the running call."""
         return dict(self._progress)
 
-    def _step_callback(self, jobs: frozenset[int | None], total: int):
-        """The step-end callback: records progress, and stops a call nobody wants any more."""
+    def previews(self, job: int, since: int = 0) -> list[Image.Image]:
+        """The partial images of a job in the running call decoded so far, from the `since`-th on;
+        they also come back in its result, whether or not anybody asked here."""
+        return list(self._previews.get(job, ()))[since:]
+
+    def _step_callback(self, requests: Sequence[GenerationRequest], total: int, previews: list[list[Image.Image]]):
+        """The step-end callback: records progress, decodes the partial images asked for (into
+        `previews`, one list per image of the call), and stops a call nobody wants any more."""
+        jobs = frozenset(r.job for r in requests)
         known = [job for job in jobs if job is not None]
+        # Which images of the call get a preview after which step.
+        wanted: dict[int, list[int]] = defaultdict(list)
+        for position, request in enumerate(requests):
+            for step in preview_steps(total, request.partial_images):
+                wanted[step].append(position)
 
         def on_step_end(pipeline, step: int, timestep, callback_kwargs: dict) -> dict:
             for job in known:
                 self._progress[job] = (step + 1, total)
+            if positions := wanted.get(step + 1):
+                decoded = decode_latents(pipeline, callback_kwargs["latents"][positions])
+                for position, image in zip(positions, decoded):
+                    previews[position].append(image)
+                    if requests[position].job is not None:
+                        self._previews.setdefault(requests[position].job, []).append(image)
             if jobs <= self._cancelled:
                 pipeline._interrupt = True  # diffusers skips the remaining steps
             return callback_kwargs
@@ -253,7 +278,7 @@ class DiffusionRunner:
         requests costs one denoising loop. A request that fails even when run
         alone comes back with `error` set; its neighbours are not affected.
         """
-        results = [GenerationResult() for _ in requests]
+        results = [GenerationResult(prompt_tokens=self._prompt_tokens(request.prompt)) for request in requests]
         groups: dict[tuple, list[int]] = defaultdict(list)
         for index, request in enumerate(requests):
             groups[request.batch_key()].append(index)
@@ -274,7 +299,7 @@ class DiffusionRunner:
         """One pipeline call for `part`; if it fails (out of memory, say), memory is freed
         and each request in it runs alone, so one bad request does not fail the others."""
         try:
-            images = self._call([requests[index] for index, _ in part], [seed for _, seed in part])
+            images, previews = self._call([requests[index] for index, _ in part], [seed for _, seed in part])
         except Cancelled as exc:  # nobody wants these images: nothing to retry
             for index, _ in part:
                 results[index].error = f"{type(exc).__name__}: {exc}"
@@ -289,9 +314,16 @@ class DiffusionRunner:
             for owner in owners:
                 self._run_isolating_failures(requests, [(i, seed) for i, seed in part if i == owner], results)
             return
-        for (index, seed), image in zip(part, images):
+        for (index, seed), image, image_previews in zip(part, images, previews):
             results[index].images.append(image)
             results[index].seeds.append(seed)
+            results[index].previews.extend(image_previews)
+
+    def _prompt_tokens(self, prompt: str) -> int:
+        tokenizer = getattr(self.pipeline, "tokenizer", None)
+        if tokenizer is None:
+            return 0
+        return len(tokenizer(prompt, truncation=True, max_length=tokenizer.model_max_length).input_ids)
 
     def _free_memory(self) -> None:
         gc.collect()
@@ -305,25 +337,31 @@ class DiffusionRunner:
             base = secrets.randbelow(2**32)
         return [(base + i) % (MAX_SEED + 1) for i in range(request.num_images)]
 
-    def _call(self, requests: list[GenerationRequest], seeds: list[int]) -> list[Image.Image]:
-        """One pipeline call: one image per (request, seed) pair."""
+    def _call(
+        self, requests: list[GenerationRequest], seeds: list[int]
+    ) -> tuple[list[Image.Image], list[list[Image.Image]]]:
+        """One pipeline call: one image per (request, seed) pair, and the partial images of each."""
         generators = [torch.Generator(device=self.placement.device).manual_seed(seed) for seed in seeds]
         jobs = frozenset(r.job for r in requests)
+        previews: list[list[Image.Image]] = [[] for _ in requests]
         with self._lock, torch.inference_mode():
             try:
                 if jobs <= self._cancelled:  # cancelled while it waited for the pipeline
                     raise Cancelled(f"jobs {sorted(jobs)} were cancelled")
-                images = self._pipeline_call(requests, generators, jobs).images
+                images = self._pipeline_call(requests, generators, previews).images
                 if getattr(self.pipeline, "_interrupt", False):  # stopped part-way: no usable image
                     raise Cancelled(f"jobs {sorted(jobs)} were cancelled")
-                return images
+                return images, previews
             finally:
                 self._cancelled -= jobs
                 for job in jobs:
                     self._progress.pop(job, None)
+                    self._previews.pop(job, None)
 
-    def _pipeline_call(self, requests: list[GenerationRequest], generators: list, jobs: frozenset[int | None]):
+    def _pipeline_call(self, requests: list[GenerationRequest], generators: list, previews: list[list[Image.Image]]):
         first = requests[0]
+        # Only calls made for known jobs, or asked for previews, pay for a callback at each step.
+        watched = any(r.job is not None or r.partial_images for r in requests)
         return self.pipeline(
             prompt=[r.prompt for r in requests],
             negative_prompt=None if first.negative_prompt is None else [r.negative_prompt for r in requests],
@@ -334,6 +372,5 @@ class DiffusionRunner:
             num_images_per_prompt=1,
             generator=generators,
             output_type="pil",
-            # Only calls made for known jobs pay for a callback at each step.
-            callback_on_step_end=self._step_callback(jobs, first.num_inference_steps) if jobs != {None} else None,
+            callback_on_step_end=self._step_callback(requests, first.num_inference_steps, previews) if watched else None,
         )

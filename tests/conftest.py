@@ -86,9 +86,15 @@ def server_config() -> dict:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_model_path, server_folder, gate, server_config):
+def server_env() -> dict:
+    """Environment variables a test module sets for its `server`, e.g. the test hooks' (tests/gate.py)."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def server(tiny_model_path, server_folder, gate, server_config, server_env):
     """The real server (`bentoml serve`) on a free loopback port, with its own database and images folder."""
-    server = start_server(write_config(server_folder, tiny_model_path, **server_config), env=gate.env())
+    server = start_server(write_config(server_folder, tiny_model_path, **server_config), env=gate.env(**server_env))
     yield server
     server.stop()
 

@@ -85,3 +85,14 @@ class Gate:
 
     def wait_until_held(self, calls: int = 1) -> None:
         wait_for(lambda: len(self.held_calls()) >= calls, what=f"{calls} pipeline call(s) held at the gate")
+
+    @contextmanager
+    def holding_after_step(self, step: int):
+        """A call that has run `step` steps waits there until the block ends (even when it fails)."""
+        hold, held = self.path.with_name("gate.hold-after-step"), self.path.with_name("gate.held-at-step")
+        held.unlink(missing_ok=True)
+        hold.write_text(str(step))
+        try:
+            yield held.exists  # whether a call has got there (and so waits, while the block runs)
+        finally:
+            hold.unlink(missing_ok=True)

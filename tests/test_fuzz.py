@@ -29,9 +29,20 @@ def fuzz_server(tiny_model_path, tmp_path, database_url):
     server.stop()
 
 
+# uvicorn's HTTP parser (h11) refuses a request whose head it has buffered past 16 KiB before
+# the app sees it, with a plain-text 400: a fuzzed query string of thousands of characters can be
+# one, depending on how the bytes arrive. Such a request gets that 400, never an answer of ours.
+HTTP_PARSER_LIMIT = 16 * 1024
+
+
+def parser_refusal(response) -> bool:
+    return (response.status_code == 400 and len(response.request.url) > HTTP_PARSER_LIMIT
+            and response.text == "Invalid HTTP request received.")
+
+
 def check_response(case, response) -> None:
     assert response.status_code < 500, f"{case.method} {case.path}: {response.status_code} {response.text[:300]}"
-    if response.status_code >= 400:
+    if response.status_code >= 400 and not parser_refusal(response):
         content_type = response.headers.get("content-type") or ""
         content_type = content_type[0] if isinstance(content_type, list) else content_type
         assert content_type.startswith("application/json"), (

@@ -55,7 +55,8 @@ def test_size_auto_is_the_models_own_size(client):
     ({"moderation": "none"}, "moderation"),
     ({"style": "photographic"}, "style"),
     ({"frame_count": 4}, "frame_count"),
-    ({"stream": True, "partial_images": 2}, "stream"),
+    ({"stream": True, "n": 2}, "n"),
+    ({"stream": True, "partial_images": 4}, "partial_images"),
     ({"output_format": "jpeg", "response_format": "url"}, "output_format"),
     ({"surprise": 1}, "surprise"),
 ])

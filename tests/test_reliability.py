@@ -79,7 +79,9 @@ def test_killed_server_resumes_its_work_on_restart_and_loses_nothing(tiny_model_
     assert "STARTED" in before, before
 
     gate.open()
-    server = start_server(config, env=gate.env(**env))
+    # The model now loads for longer than the API's readiness question to it waits (5 s), as a
+    # large model does: the work is still taken up once it answers.
+    server = start_server(config, env=gate.env(**env, T2I_TEST_LOAD_DELAY_S="8"))
     try:
         with httpx.Client(base_url=server.url, timeout=60) as http:
             ended = wait_for(lambda: all_ended(http, ids), timeout=180)

@@ -300,8 +300,8 @@ def test_a_call_whose_jobs_are_all_cancelled_stops_at_the_next_step(runner, monk
     steps: list[int] = []
     stop_unwanted = runner._step_callback
 
-    def cancel_at_step_two(jobs, total):  # the cancel arrives, from another thread, while step 2 runs
-        check = stop_unwanted(jobs, total)
+    def cancel_at_step_two(*call):  # the cancel arrives, from another thread, while step 2 runs
+        check = stop_unwanted(*call)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             steps.append(step)
@@ -327,8 +327,8 @@ def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
     alone = runner.generate([request(prompt="a white circle", seed=7, num_inference_steps=4, job=21)])[0]
     stop_unwanted = runner._step_callback
 
-    def cancel_one_at_step_one(jobs, total):
-        check = stop_unwanted(jobs, total)
+    def cancel_one_at_step_one(*call):
+        check = stop_unwanted(*call)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             if step == 0:
@@ -348,8 +348,8 @@ def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
     seen: list[dict] = []
     report = runner._step_callback
 
-    def watching(jobs, total):
-        callback = report(jobs, total)
+    def watching(*call):
+        callback = report(*call)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             kwargs = callback(pipeline, step, timestep, callback_kwargs)
@@ -362,3 +362,42 @@ def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
     runner.generate([request(num_inference_steps=3, job=31), request(num_inference_steps=3, job=32, seed=2)])
     assert seen == [{31: (1, 3), 32: (1, 3)}, {31: (2, 3), 32: (2, 3)}, {31: (3, 3), 32: (3, 3)}]
     assert runner.progress() == {}  # the call is over
+
+
+def test_partial_images_are_decoded_at_spread_steps_and_leave_the_image_unchanged(runner, monkeypatch):
+    plain = runner.generate([request(prompt="a red circle", seed=5, num_inference_steps=6)])[0]
+    live: list[int] = []
+    watch = runner._step_callback
+
+    def watching(*call):
+        callback = watch(*call)
+
+        def on_step_end(pipeline, step, timestep, callback_kwargs):
+            kwargs = callback(pipeline, step, timestep, callback_kwargs)
+            live.append(len(runner.previews(41)))  # what the service's `previews` would answer now
+            return kwargs
+
+        return on_step_end
+
+    monkeypatch.setattr(runner, "_step_callback", watching)
+    [previewed, mate] = runner.generate([
+        request(prompt="a red circle", seed=5, num_inference_steps=6, partial_images=2, job=41),
+        request(prompt="a blue square", seed=6, num_inference_steps=6, job=42),
+    ])
+    # Two previews, after steps 2 and 4 of 6, each an image of the asked size; none for the batch-mate.
+    assert live == [0, 1, 1, 2, 2, 2]
+    assert len(previewed.previews) == 2 and mate.previews == []
+    assert all(p.size == (64, 64) and p.mode == "RGB" for p in previewed.previews)
+    assert max_difference(previewed.previews[0], previewed.previews[1]) > 0  # a later step looks different
+    assert max_difference(plain.images[0], previewed.images[0]) <= BATCH_TOLERANCE
+    assert runner.previews(41) == []  # the call is over: they went out with its result
+    assert previewed.prompt_tokens == len(runner.pipeline.tokenizer("a red circle").input_ids)
+
+
+@pytest.mark.parametrize(("steps", "count", "expected"), [
+    (10, 2, {4, 7}), (10, 3, {3, 5, 8}), (6, 1, {3}), (2, 3, {1}), (1, 3, set()), (10, 0, set()),
+])
+def test_preview_steps_are_spread_before_the_last_step(steps, count, expected):
+    from t2i_task.previews import preview_steps
+
+    assert preview_steps(steps, count) == expected

@@ -26,7 +26,7 @@ from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, validation_error
 from t2i_task.config import CleanText, GenerationParameters, ParameterError
 from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData, RunStatus
-from t2i_task.processes import ProcessEnded
+from t2i_task.failures import ProcessEnded
 from t2i_task.store import DuplicateSessionName
 from t2i_task.task import TextToImageGenerationTask
 

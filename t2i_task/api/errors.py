@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i_task.config import ParameterError
 from t2i_task.http_guards import error_payload, is_openai_path
-from t2i_task.processes import QueueFull, ShuttingDown
+from t2i_task.failures import QueueFull, ShuttingDown
 from t2i_task.store import NotFoundError
 
 logger = logging.getLogger("t2i.api")

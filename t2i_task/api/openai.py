@@ -1,30 +1,38 @@
 """OpenAI's Images API: `POST /v1/images/generations` and `GET /v1/models`.
 
-A call is answered when its images exist; it is also stored as a process of
-one session per model, so it shows up beside DashAI's processes.
+A call is answered when its images exist, or with `stream` as server-sent events
+(partial images while it is drawn, then the image); it is also stored as a process
+of one session per model, so it shows up beside DashAI's processes.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import json
 import re
 import time
+from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 from bentoml.exceptions import BentoMLException
 from fastapi import APIRouter, Request
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
+from sse_starlette import EventSourceResponse
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, retry_later
 from t2i_task.config import GenerationParameters, ParameterError, Settings
 from t2i_task.models import ProcessData
-from t2i_task.processes import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
+from t2i_task.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
+from t2i_task.previews import MAX_PARTIAL_IMAGES
+from t2i_task.processes import Finished, LiveCall
 from t2i_task.task import TextToImageGenerationTask
 
 router = APIRouter()
+STREAM_POLL_S = 0.25  # how often a stream looks for new partial images (the model is asked every 0.5 s)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -53,7 +61,7 @@ class ImageGenerationRequest(BaseModel):
     frame_duration_ms: int | None = None
     svg: dict[str, Any] | None = None
     stream: bool | None = None
-    partial_images: int | None = Field(default=None, ge=0, le=3)
+    partial_images: int | None = Field(default=None, ge=0, le=MAX_PARTIAL_IMAGES)
     user: str | None = None
     safety_identifier: str | None = None
     negative_prompt: str | None = None
@@ -81,8 +89,8 @@ def _refuse_what_cannot_be_honoured(body: ImageGenerationRequest) -> None:
     for name in ("frame_count", "frame_duration_ms", "svg"):
         if getattr(body, name) is not None:
             raise ApiError(400, f"{name} applies to GIF or SVG output, which this server does not produce.", param=name)
-    if body.stream:
-        raise ApiError(400, "stream is not supported yet: send the request without it.", param="stream")
+    if body.stream and body.n > 1:
+        raise ApiError(400, "stream gives one image a request: send n=1 (or several streamed requests).", param="n")
     if body.output_format not in (None, "png") and body.response_format == "url":
         raise ApiError(400, f"output_format {body.output_format!r} needs response_format 'b64_json' "
                             "(image links serve PNG).", param="output_format")
@@ -96,8 +104,10 @@ async def list_models(backend: BackendDep) -> dict[str, Any]:
     }
 
 
-@router.post("/v1/images/generations")
-async def generate_images(body: ImageGenerationRequest, request: Request, backend: BackendDep) -> dict[str, Any]:
+@router.post("/v1/images/generations", response_model=None)
+async def generate_images(
+    body: ImageGenerationRequest, request: Request, backend: BackendDep
+) -> dict[str, Any] | EventSourceResponse:
     served = backend.settings.model.name
     if body.model is not None and body.model != served:
         raise ApiError(400, f"Model {body.model!r} is not served. Served models: {served}.", param="model")
@@ -107,49 +117,111 @@ async def generate_images(body: ImageGenerationRequest, request: Request, backen
         inputs = backend.task.prepare_input_for_database([body.prompt])
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from exc
+    # Echoed as OpenAI's GPT image models do.
+    echo = {"size": f"{params.width}x{params.height}", "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality),
+            "output_format": body.output_format or "png", "background": "opaque"}
+
+    if body.stream:
+        with admission():
+            live = await backend.queue.start_live(await _session_id(backend), inputs, params,
+                                                  partial_images=body.partial_images or 0)
+        return EventSourceResponse(_stream(live, body, echo, backend))
 
     with admission():
         try:
-            saved = await backend.queue.run_now(await _session_id(backend), inputs, params,
-                                                client_gone=request.is_disconnected)
-        except BentoMLException as exc:
-            status = exc.error_code if exc.error_code in (429, 503, 504) else 500
-            raise retry_later(int(status), f"Generation failed: {describe_failure(exc)}") from exc
-        except ModelUnavailable as exc:
-            raise retry_later(503, f"{exc} Retry later.") from exc
+            finished = await backend.queue.run_now(await _session_id(backend), inputs, params,
+                                                   client_gone=request.is_disconnected)
         except ClientGone as exc:  # nobody reads this answer; 499 as nginx logs it
             raise ApiError(499, str(exc)) from exc
-        except (GenerationFailed, OSError) as exc:  # the model, or the images folder
-            raise ApiError(500, f"Generation failed: {describe_failure(exc)}") from exc
+        except (BentoMLException, ModelUnavailable, GenerationFailed, OSError) as exc:
+            raise _generation_error(exc) from exc
 
-    output_format = body.output_format or "png"
     # OpenAI's default: links; a caller that names an output format wants the bytes (gpt-image style).
     if (body.response_format or ("b64_json" if body.output_format else "url")) == "url":
         base = str(request.base_url).rstrip("/")
-        data = [{"url": f"{base}/api/v1/generative-process/image/{name}"} for name, _ in saved]
+        data = [{"url": f"{base}/api/v1/generative-process/image/{name}"} for name, _ in finished.outputs]
     else:
-        rows = [ProcessData(data=name, data_type=kind, is_input=False) for name, kind in saved]
-        shown = backend.task.process_output_from_database(rows, images_path=backend.store.images_dir, as_base64=True)
-        data = [{"b64_json": _encoded(row.data, output_format, body.output_compression)} for row in shown]
-    return {
-        "created": int(time.time()),
-        "data": data,
-        # Echoed as OpenAI's GPT image models do.
-        "size": f"{params.width}x{params.height}",
-        "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality),
-        "output_format": output_format,
-        "background": "opaque",
-    }
+        data = [{"b64_json": image} for image in _final_images(finished, body, backend)]
+    return {"created": int(time.time()), "data": data, **echo, "usage": _usage(finished)}
+
+
+async def _stream(live: LiveCall, body: ImageGenerationRequest, echo: dict[str, str],
+                  backend: Backend) -> AsyncIterator[dict[str, str]]:
+    """OpenAI's image stream: `image_generation.partial_image` events as the model decodes
+    them, then `image_generation.completed` (or an `error` event). A client that leaves
+    cancels the generation."""
+
+    def event(kind: str, **fields: Any) -> dict[str, str]:
+        return {"event": kind, "data": json.dumps({"type": kind, **fields, **echo, "created_at": int(time.time())})}
+
+    def partial(image: Image.Image, index: int) -> dict[str, str]:
+        b64 = _encode(image, echo["output_format"], body.output_compression)
+        return event("image_generation.partial_image", b64_json=b64, partial_image_index=index)
+
+    sent = 0
+    try:
+        while not live.running.done():
+            await asyncio.wait({live.running}, timeout=STREAM_POLL_S)
+            for image in await backend.queue.previews(live, sent):
+                yield partial(image, sent)
+                sent += 1
+        try:
+            finished: Finished = live.running.result()
+        except (BentoMLException, ModelUnavailable, GenerationFailed, OSError, asyncio.CancelledError) as exc:
+            error = _generation_error(exc)
+            yield {"event": "error", "data": json.dumps(
+                {"type": "error", "error": {"message": error.message, "type": "server_error", "code": error.status}})}
+            return
+        for image in finished.previews[sent:]:  # decoded faster than this stream looked for them
+            yield partial(image, sent)
+            sent += 1
+        for image in _final_images(finished, body, backend):
+            yield event("image_generation.completed", b64_json=image, usage=_usage(finished))
+    finally:
+        if not live.running.done():  # the client left
+            backend.queue.abandon(live)
+
+
+def _generation_error(exc: BaseException) -> ApiError:
+    """The answer to a generation that ended without images."""
+    if isinstance(exc, BentoMLException):
+        status = exc.error_code if exc.error_code in (429, 503, 504) else 500
+        return retry_later(int(status), f"Generation failed: {describe_failure(exc)}")
+    if isinstance(exc, ModelUnavailable):
+        return retry_later(503, f"{exc} Retry later.")
+    if isinstance(exc, asyncio.CancelledError):
+        return retry_later(503, "Generation stopped: the server is stopping. Retry later.")
+    return ApiError(500, f"Generation failed: {describe_failure(exc)}")  # the model, or the images folder
+
+
+def _final_images(finished: Finished, body: ImageGenerationRequest, backend: Backend) -> list[str]:
+    """The stored images, base64 in the asked output format."""
+    rows = [ProcessData(data=name, data_type=kind, is_input=False) for name, kind in finished.outputs]
+    shown = backend.task.process_output_from_database(rows, images_path=backend.store.images_dir, as_base64=True)
+    return [_encoded(row.data, body.output_format or "png", body.output_compression) for row in shown]
+
+
+def _usage(finished: Finished) -> dict[str, Any]:
+    """OpenAI's token usage: the prompt's tokens as the model reads them; a diffusion model
+    draws no tokens, so output_tokens is 0."""
+    tokens = finished.prompt_tokens
+    return {"input_tokens": tokens, "input_tokens_details": {"text_tokens": tokens, "image_tokens": 0},
+            "output_tokens": 0, "total_tokens": tokens}
 
 
 def _encoded(png_base64: str, output_format: str, compression: int | None) -> str:
-    """The task's base64 PNG, in the asked format; `output_compression` is the JPEG/WebP quality
-    (100, OpenAI's default, compresses least)."""
+    """The task's base64 PNG, in the asked format (the PNG itself keeps its metadata)."""
     if output_format == "png":
         return png_base64
-    buffer = io.BytesIO()
     with Image.open(io.BytesIO(base64.b64decode(png_base64))) as image:
-        image.convert("RGB").save(buffer, IMAGE_FORMATS[output_format], quality=100 if compression is None else compression)
+        return _encode(image, output_format, compression)
+
+
+def _encode(image: Image.Image, output_format: str, compression: int | None) -> str:
+    """Base64 of an image in `output_format`; `output_compression` is the JPEG/WebP quality
+    (100, OpenAI's default, compresses least)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, IMAGE_FORMATS[output_format], quality=100 if compression is None else compression)
     return base64.b64encode(buffer.getvalue()).decode()
 
 

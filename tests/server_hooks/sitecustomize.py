@@ -12,6 +12,11 @@ the batcher happened to group requests:
   torch.OutOfMemoryError, as a GPU that runs out of memory does.
 - With the gate, each call also appends `<first prompt>\t<steps it ran>` to
   `<file>.steps` when it returns: a test sees where a cancelled call stopped.
+- While `<file>.hold-after-step` exists and holds a number N, a call that has run
+  N steps waits there (after its step callback), having written N to
+  `<file>.held-at-step`: a test looks at a call part-way through.
+- `T2I_TEST_LOAD_DELAY_S=<seconds>`: loading the model takes that much longer,
+  as a large model's does.
 """
 
 import os
@@ -22,7 +27,9 @@ import torch
 
 GATE = os.environ.get("T2I_TEST_GATE")
 POISON = os.environ.get("T2I_TEST_POISON")
+LOAD_DELAY_S = float(os.environ.get("T2I_TEST_LOAD_DELAY_S", "0"))
 _real_call = diffusers.StableDiffusionPipeline.__call__
+_real_load = diffusers.AutoPipelineForText2Image.from_pretrained.__func__
 
 
 def _hooked_call(self, *args, **kwargs):
@@ -42,7 +49,9 @@ def _hooked_call(self, *args, **kwargs):
     def counting(pipeline, step, timestep, callback_kwargs):
         nonlocal steps
         steps += 1
-        return user_callback(pipeline, step, timestep, callback_kwargs) if user_callback else callback_kwargs
+        result = user_callback(pipeline, step, timestep, callback_kwargs) if user_callback else callback_kwargs
+        _hold_if_asked(steps)
+        return result
 
     try:
         return _real_call(self, *args, **{**kwargs, "callback_on_step_end": counting})
@@ -51,4 +60,24 @@ def _hooked_call(self, *args, **kwargs):
             log.write(f"{prompts[0] if prompts else ''}\t{steps}\n")
 
 
+def _hold_if_asked(steps: int) -> None:
+    hold = GATE + ".hold-after-step"
+    try:
+        wanted = int(open(hold).read() or 0)
+    except (OSError, ValueError):
+        return
+    if steps == wanted:
+        with open(GATE + ".held-at-step", "w") as held:
+            held.write(str(steps))
+        while os.path.exists(hold):
+            time.sleep(0.02)
+
+
+def _slow_load(cls, *args, **kwargs):
+    time.sleep(LOAD_DELAY_S)
+    return _real_load(cls, *args, **kwargs)
+
+
 diffusers.StableDiffusionPipeline.__call__ = _hooked_call
+if LOAD_DELAY_S:
+    diffusers.AutoPipelineForText2Image.from_pretrained = classmethod(_slow_load)
