@@ -32,9 +32,11 @@ RUNS_PER_SIZE = 2
 
 
 def sizes_to_measure(settings: Settings) -> list[int]:
-    """The smallest and largest allowed square sides and one between, multiples of 8."""
-    smallest = -(-settings.limits.min_size // 8) * 8
-    largest = min(settings.limits.max_width, settings.limits.max_height)
+    """The smallest and largest square sides the model draws (`model.sizes`, or the allowed ones)
+    and one between, multiples of 8."""
+    drawn = settings.model.sizes
+    smallest = drawn.min if drawn else -(-settings.limits.min_size // 8) * 8
+    largest = drawn.max if drawn else min(settings.limits.max_width, settings.limits.max_height)
     middle = (smallest + largest) // 2 // 8 * 8
     return sorted({smallest, middle, largest})
 

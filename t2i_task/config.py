@@ -20,6 +20,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from t2i_task.cost import HEADROOM, GenerationCost, largest_square
+from t2i_task.sizes import DrawnSizes
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
@@ -44,6 +45,20 @@ class ModelConfig(_Section):
         description="Seconds a generation takes on this machine (`make calibrate`); without it only the field "
         "limits bound a request, and work that cannot finish in time fails by timeout.",
     )
+    sizes: DrawnSizes | None = Field(
+        default=None,
+        description="The size it was trained at and the sides it draws well; other sizes are drawn inside that "
+        "range and resized (t2i_task/sizes.py). Without it every size is drawn as asked.",
+    )
+    aliases: list[str] = Field(
+        default_factory=list,
+        description="More names OpenAI clients may call it by (OpenAI's own image model names always reach the "
+        "served model).",
+    )
+
+    def drawn(self, width: int, height: int) -> tuple[int, int]:
+        """The size this model draws for an asked `width` x `height`."""
+        return self.sizes.drawn(width, height) if self.sizes else (width, height)
 
 
 class RuntimeConfig(_Section):
@@ -91,9 +106,10 @@ class ServingConfig(_Section):
 
 
 class LimitsConfig(_Section):
+    # Sizes a client may ask for; what the model draws is `model.sizes`' business.
     min_size: int = Field(default=64, ge=8)
-    max_width: int = Field(default=1024, ge=8)
-    max_height: int = Field(default=1024, ge=8)
+    max_width: int = Field(default=2048, ge=8)
+    max_height: int = Field(default=2048, ge=8)
     max_steps: int = Field(default=100, ge=1)
     max_guidance_scale: float = Field(default=30.0, ge=0)
     max_images_per_request: int = Field(default=4, ge=1)
@@ -213,10 +229,20 @@ class Settings(_Section):
         if cost is None:
             return ""
         steps = self.defaults.num_inference_steps
-        side = min(largest_square(cost.max_pixels(steps, 1, self.model_call_budget_s)), self.limits.max_width,
-                   self.limits.max_height)
+        side = self._largest_side(cost.max_pixels(steps, 1, self.model_call_budget_s))
         return (f"Size, steps and images are also bounded together: a request must finish within "
                 f"{self.model_call_budget_s:g} s here, e.g. one image at {steps} steps is at most {side}x{side}.")
+
+    def _largest_side(self, max_drawn_pixels: int) -> int:
+        """The largest square a client may ask for whose drawn size has at most these pixels."""
+        side = largest_square(max_drawn_pixels)
+        largest = min(self.limits.max_width, self.limits.max_height)
+        sizes = self.model.sizes
+        if sizes is not None and side >= sizes.max:  # every asked size is drawn within the range
+            return largest
+        if sizes is not None and side < sizes.min:  # even the smallest drawn size is too large
+            return 0
+        return min(side, largest)
 
     def check_cost(self, params: GenerationParameters) -> None:
         """Refuse a request that could not finish within a model call's time, naming what would."""
@@ -225,19 +251,20 @@ class Settings(_Section):
             return
         width, height = params.width, params.height
         steps, images = params.num_inference_steps, params.num_images_per_prompt
-        estimate = cost.seconds(width, height, steps, images)
+        drawn = self.model.drawn(width, height)
+        estimate = cost.seconds(*drawn, steps, images)
         if estimate <= budget:
             return
-        side = min(largest_square(cost.max_pixels(steps, images, budget)), self.limits.max_width,
-                   self.limits.max_height)
-        most_steps = min(cost.max_steps(width, height, images, budget), self.limits.max_steps)
+        side = self._largest_side(cost.max_pixels(steps, images, budget))
+        most_steps = min(cost.max_steps(*drawn, images, budget), self.limits.max_steps)
         count = f"{images} image{'s' if images > 1 else ''}"
         size_hint = (f"the largest size is {side}x{side}" if side >= self.limits.min_size
                      else "no size fits")
         steps_hint = f"the most steps is {most_steps}" if most_steps else "no step count fits"
+        asked = f"{width}x{height}" + (f" (drawn at {drawn[0]}x{drawn[1]})" if drawn != (width, height) else "")
         raise ParameterError(
             "width",
-            f"{width}x{height} at {steps} steps ({count}) would take about {estimate:.0f} s on this server, "
+            f"{asked} at {steps} steps ({count}) would take about {estimate:.0f} s on this server, "
             f"more than the {budget:g} s a generation may take: at {steps} steps and {count} {size_hint}; "
             f"at {width}x{height} and {count} {steps_hint}.",
         )

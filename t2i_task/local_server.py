@@ -56,6 +56,9 @@ def write_config(folder: Path, model_path: Path | None = None, base: Path = DEFA
         # Keep the base's model; relative paths are relative to the base file, not to `folder`.
         config["model"]["path"] = str(load_settings(base).model.path)
     else:
+        # What the base says of its own model's drawing (sizes, names) is not this model's.
+        for key in ("sizes", "aliases"):
+            config["model"].pop(key, None)
         config["model"].update(name=Path(model_path).name, path=str(model_path))
     config["storage"] = {"database_url": f"sqlite:///{folder / 't2i.db'}", "images_dir": str(folder / "images")}
     for section, values in overrides.items():

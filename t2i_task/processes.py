@@ -7,9 +7,8 @@ what this instance had in hand when it last stopped (or lost track of during a
 database outage), gives up with a reason on work that keeps being interrupted,
 and on shutdown lets running generations finish and puts the rest back.
 
-Live calls (OpenAI's, whose client waits on the connection) are processes too:
-`start_live` stores and starts one, and its caller watches it, takes its partial
-images as they come and stops it when its client leaves.
+Live calls (OpenAI's, whose client waits on the connection) are processes too
+(t2i_task/live.py).
 
 It knows the store and the task's adapters; the model is a client it is given
 (`Model`, service.py's `DiffusionClient`), and HTTP is the caller's business.
@@ -19,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -28,12 +27,14 @@ from PIL import Image
 from pydantic import ValidationError
 
 from t2i_task.config import GenerationParameters, Settings
-from t2i_task.failures import (ClientGone, GenerationFailed, ModelUnavailable, ProcessEnded, QueueFull,
+from t2i_task.failures import (GenerationFailed, ModelUnavailable, ProcessEnded, QueueFull,
                                ShuttingDown, describe_failure)
 from t2i_task.models import GenerativeProcess, RunStatus
+from t2i_task.live import LiveCalls
 from t2i_task.progress import ProgressWatch
 from t2i_task.runner import GenerationRequest, GenerationResult
 from t2i_task.scheduler import ModelScheduler, Priority
+from t2i_task.sizes import resized
 from t2i_task.store import Store
 from t2i_task.task import TextToImageGenerationTask
 
@@ -41,7 +42,6 @@ log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 15
 
-CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
 
@@ -70,16 +70,7 @@ class Finished:
     prompt_tokens: int = 0
 
 
-@dataclass
-class LiveCall:
-    """A live generation in flight: its process and the task running it (its result: Finished)."""
-
-    process_id: int
-    params: GenerationParameters
-    running: asyncio.Task
-
-
-class ProcessQueue:
+class ProcessQueue(LiveCalls):
     def __init__(
         self,
         store: Store,
@@ -92,6 +83,7 @@ class ProcessQueue:
         self.progress = ProgressWatch(store, model.progress, running=lambda: self.at_model)
         self.serving = settings.serving
         self.model_name = settings.model.name
+        self.drawn = settings.model.drawn  # the size the model draws for an asked one (t2i_task/sizes.py)
         self.cost = settings.model.cost
         if self.cost is None:
             log.warning("model.cost is not set (run `make calibrate`): only the field limits bound a request, "
@@ -141,82 +133,6 @@ class ProcessQueue:
             self.accept(process, params)
         return process
 
-    async def start_live(
-        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters, partial_images: int = 0
-    ) -> LiveCall:
-        """Store a new process and start it for a caller who waits (live priority), with
-        `partial_images` previews of each image decoded while it is drawn.
-
-        Refused (QueueFull) when the work ahead of it would keep it from finishing in time.
-        """
-        self.admit()
-        wait_s = self.scheduler.wait_s(self.cost_s(params), Priority.LIVE)
-        if wait_s > 0:
-            ahead = self.scheduler.waiting_s(Priority.LIVE)
-            raise QueueFull(f"Server busy: about {ahead:.0f} s of work is ahead of this request, which could not "
-                            f"finish in time. Retry later.", retry_after_s=wait_s)
-        self.answering += 1
-        try:
-            async with self._claims:
-                process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
-                                        steps=params.num_inference_steps)
-                self.in_hand.add(process.id)
-        except BaseException:
-            self.answering -= 1
-            raise
-        running = asyncio.ensure_future(self.generate(process, params, priority=Priority.LIVE,
-                                                      partial_images=partial_images))
-
-        def answered(_: asyncio.Task) -> None:
-            self.answering -= 1
-            self.in_hand.discard(process.id)
-
-        running.add_done_callback(answered)
-        return LiveCall(process.id, params, running)
-
-    async def run_now(
-        self,
-        session_id: int,
-        inputs: list[tuple[str, str]],
-        params: GenerationParameters,
-        client_gone: Callable[[], Awaitable[bool]] | None = None,
-    ) -> Finished:
-        """Store a new process and run it while the caller waits (see `start_live`).
-
-        If `client_gone` says the caller left, or the caller is cancelled, the process is
-        cancelled (its slot freed, its call stopped where nothing else in it is wanted); for
-        the first, ClientGone is raised.
-        """
-        live = await self.start_live(session_id, inputs, params)
-        try:
-            while client_gone is not None and not live.running.done():
-                await asyncio.wait({live.running}, timeout=CLIENT_POLL_S)
-                if not live.running.done() and await client_gone():
-                    await self.stop_live(live)
-                    raise ClientGone(f"The client of process {live.process_id} went away; it was cancelled.")
-            return await asyncio.shield(live.running)
-        except asyncio.CancelledError:  # this request itself cancelled (the server stopping, say): so is its work
-            self.abandon(live)
-            raise
-
-    async def previews(self, live: LiveCall, since: int) -> list[Image.Image]:
-        """The live call's partial images from the `since`-th on, once the model has decoded them."""
-        if self.progress.previews_ready.get(live.process_id, 0) <= since:
-            return []
-        return await self.model.previews(live.process_id, since, (live.params.width, live.params.height))
-
-    async def stop_live(self, live: LiveCall) -> None:
-        """Cancel a live call: its process ends ERROR "cancelled", the model stops its call at
-        the next step if nothing else in it is wanted."""
-        if not live.running.done():
-            await self._stop(live.process_id, live.running)
-
-    def abandon(self, live: LiveCall) -> None:
-        """`stop_live` from a caller that is being cancelled itself and cannot wait for it."""
-        stopping = asyncio.ensure_future(self.stop_live(live))
-        self._stopping.add(stopping)
-        stopping.add_done_callback(self._stopping.discard)
-
     # Running processes
 
     def accept(self, process: GenerativeProcess, params: GenerationParameters | None = None) -> None:
@@ -244,7 +160,8 @@ class ProcessQueue:
         """Estimated seconds the model needs for these parameters (0 when the model is not calibrated)."""
         if self.cost is None:
             return 0.0
-        return self.cost.seconds(params.width, params.height, params.num_inference_steps, params.num_images_per_prompt)
+        width, height = self.drawn(params.width, params.height)
+        return self.cost.seconds(width, height, params.num_inference_steps, params.num_images_per_prompt)
 
     async def generate(
         self,
@@ -265,13 +182,15 @@ class ProcessQueue:
         started = False
         try:
             prompt = self.task.prepare_for_task(process.input)
+            asked = (params.width, params.height)
+            width, height = self.drawn(*asked)
             request = GenerationRequest(
                 prompt=prompt,
                 negative_prompt=params.negative_prompt or None,  # a form's empty field: none
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
-                width=params.width,
-                height=params.height,
+                width=width,
+                height=height,
                 seed=params.seed,
                 num_images=params.num_images_per_prompt,
                 job=process.id,
@@ -296,16 +215,17 @@ class ProcessQueue:
                     "num_inference_steps": params.num_inference_steps,
                     "guidance_scale": params.guidance_scale,
                     "size": f"{params.width}x{params.height}",
+                    "drawn_size": f"{width}x{height}",  # resized to `size` when they differ
                     "model": self.model_name,
                 }
                 for seed in generated.seeds
             ]
             saved = await to_thread.run_sync(
-                lambda: self.task.process_output(generated.images, images_path=self.store.images_dir,
-                                                 parameters=provenance)
+                lambda: self.task.process_output([resized(image, *asked) for image in generated.images],
+                                                 images_path=self.store.images_dir, parameters=provenance)
             )
             await self.db(self.store.finish_process, process.id, saved)
-            return Finished(saved, generated.previews, generated.prompt_tokens)
+            return Finished(saved, [resized(image, *asked) for image in generated.previews], generated.prompt_tokens)
         except BaseException as exc:
             self.store.remove_images(name for name, _ in saved)
             try:

@@ -98,7 +98,7 @@ def test_the_text_to_image_chat_end_to_end(ui, dashai_server):
     negative = model["schema"]["properties"]["negative_prompt"]
     assert negative["placeholder"] == "" and negative["anyOf"][0]["placeholder"] == ""
     width = model["schema"]["properties"]["width"]
-    assert (width["placeholder"], width["minimum"], width["maximum"]) == (32, 32, 512)
+    assert (width["placeholder"], width["minimum"], width["maximum"]) == (32, 32, 2048)
     assert model["schema"]["properties"]["device"]["placeholder"] == "CPU"
 
     session = create_session_as_the_ui_does(ui, "chat", model)

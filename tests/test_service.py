@@ -146,7 +146,7 @@ def test_openai_client_gets_urls_that_serve_the_png(client, http):
 
 def test_openai_errors_name_the_parameter(client):
     with pytest.raises(openai.BadRequestError) as error:
-        client.images.generate(model="dall-e-3", prompt="a cat")
+        client.images.generate(model="stable-diffusion-xl", prompt="a cat")  # OpenAI's own names all reach it
     assert error.value.body["param"] == "model" and "tiny-sd" in error.value.body["message"]
 
     for call, param in (

@@ -28,7 +28,8 @@ from t2i_task.config import GenerationParameters, ParameterError, Settings
 from t2i_task.models import ProcessData
 from t2i_task.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
 from t2i_task.previews import MAX_PARTIAL_IMAGES
-from t2i_task.processes import Finished, LiveCall
+from t2i_task.live import LiveCall
+from t2i_task.processes import Finished
 from t2i_task.task import TextToImageGenerationTask
 
 router = APIRouter()
@@ -48,7 +49,9 @@ class ImageGenerationRequest(BaseModel):
     prompt: str
     model: str | None = None
     n: int = Field(default=1, ge=1)
-    size: str | None = Field(default=None, description='"WIDTHxHEIGHT", e.g. "512x512", or "auto" (the defaults).')
+    size: str | None = Field(default=None, description='"WIDTHxHEIGHT", e.g. "1024x1024", or "auto" (the model\'s '
+                                                       "native size); sizes it does not draw well are drawn inside its "
+                                                       "range and resized.")
     response_format: Literal["url", "b64_json"] | None = None
     quality: Literal["auto", "low", "medium", "high", "xhigh", "max", "standard", "hd"] | None = None
     output_format: Literal["png", "jpeg", "webp", "gif", "svg"] | None = None
@@ -96,29 +99,61 @@ def _refuse_what_cannot_be_honoured(body: ImageGenerationRequest) -> None:
                             "(image links serve PNG).", param="output_format")
 
 
+# OpenAI's image models: clients set up as people leave them send these names (Open WebUI sends
+# dall-e-2 when its model field is blank); each reaches a served model.
+OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini", "gpt-image-1.5")
+OPENAI_IMAGE_MODEL_PREFIXES = ("dall-e-", "gpt-image-", "chatgpt-image-")
+
+
+def served_model(name: str | None, settings: Settings) -> str | None:
+    """The served model a client's `model` names (its own name, an alias, any OpenAI image model,
+    or none given), or None."""
+    model = settings.model
+    if name is None or name == model.name or name in model.aliases or name.startswith(OPENAI_IMAGE_MODEL_PREFIXES):
+        return model.name
+    return None
+
+
+def _model_json(name: str, served: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "t2i-task", "root": served}
+
+
 @router.get("/v1/models")
 async def list_models(backend: BackendDep) -> dict[str, Any]:
-    return {
-        "object": "list",
-        "data": [{"id": backend.settings.model.name, "object": "model", "created": 0, "owned_by": "t2i-task"}],
-    }
+    served = backend.settings.model.name
+    return {"object": "list", "data": [_model_json(served, served)]}
+
+
+@router.get("/v1/models/{name}")
+async def get_model(name: str, backend: BackendDep) -> dict[str, Any]:
+    """A served model by its name or by any name that reaches it (`root` names the served model)."""
+    served = served_model(name, backend.settings)
+    if served is None:
+        raise ApiError(404, f"The model {name!r} does not exist. {_served_names(backend.settings)}", param="model")
+    return _model_json(name, served)
+
+
+def _served_names(settings: Settings) -> str:
+    model = settings.model
+    aliases = ", ".join([*model.aliases, *OPENAI_IMAGE_MODELS])
+    return f"Served models: {model.name} (also called {aliases})."
 
 
 @router.post("/v1/images/generations", response_model=None)
 async def generate_images(
     body: ImageGenerationRequest, request: Request, backend: BackendDep
 ) -> dict[str, Any] | EventSourceResponse:
-    served = backend.settings.model.name
-    if body.model is not None and body.model != served:
-        raise ApiError(400, f"Model {body.model!r} is not served. Served models: {served}.", param="model")
+    if served_model(body.model, backend.settings) is None:
+        raise ApiError(400, f"Model {body.model!r} is not served. {_served_names(backend.settings)}", param="model")
     _refuse_what_cannot_be_honoured(body)
     params = _parameters(body, backend.settings)
     try:
         inputs = backend.task.prepare_input_for_database([body.prompt])
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from exc
-    # Echoed as OpenAI's GPT image models do.
-    echo = {"size": f"{params.width}x{params.height}", "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality),
+    # Echoed as OpenAI's GPT image models do; `size` is the size drawn (the images are the size asked).
+    drawn = backend.settings.model.drawn(params.width, params.height)
+    echo = {"size": f"{drawn[0]}x{drawn[1]}", "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality),
             "output_format": body.output_format or "png", "background": "opaque"}
 
     if body.stream:
@@ -136,8 +171,10 @@ async def generate_images(
         except (BentoMLException, ModelUnavailable, GenerationFailed, OSError) as exc:
             raise _generation_error(exc) from exc
 
-    # OpenAI's default: links; a caller that names an output format wants the bytes (gpt-image style).
-    if (body.response_format or ("b64_json" if body.output_format else "url")) == "url":
+    # OpenAI's defaults: links from DALL-E, bytes from the GPT image models (Open WebUI sends no
+    # response_format for those and cannot fetch a loopback link); naming an output format asks for bytes.
+    wants_bytes = body.output_format or (body.model or "").startswith(("gpt-image-", "chatgpt-image-"))
+    if (body.response_format or ("b64_json" if wants_bytes else "url")) == "url":
         base = str(request.base_url).rstrip("/")
         data = [{"url": f"{base}/api/v1/generative-process/image/{name}"} for name, _ in finished.outputs]
     else:
@@ -246,10 +283,13 @@ def _parameters(body: ImageGenerationRequest, settings: Settings) -> GenerationP
         factor = QUALITY_STEPS[body.quality]
         steps = round(settings.defaults.num_inference_steps * factor)
         overrides["num_inference_steps"] = max(1, min(settings.limits.max_steps, steps))
-    if body.size is not None and body.size != "auto":  # auto: the model's own size, its defaults
+    if body.size == "auto":  # the model's own size (the defaults' where it declares none)
+        if settings.model.sizes is not None:
+            overrides["width"] = overrides["height"] = settings.model.sizes.native
+    elif body.size is not None:
         match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", body.size)
         if not match:
-            raise ApiError(400, f"size must be 'WIDTHxHEIGHT', e.g. '512x512', got {body.size!r}", param="size")
+            raise ApiError(400, f"size must be 'WIDTHxHEIGHT', e.g. '1024x1024', got {body.size!r}", param="size")
         overrides["width"], overrides["height"] = int(match[1]), int(match[2])
     for field in ("negative_prompt", "num_inference_steps", "guidance_scale", "seed"):
         if getattr(body, field) is not None:

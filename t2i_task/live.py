@@ -1,0 +1,118 @@
+"""Live calls: generations whose client waits on the connection (OpenAI's), part of the queue.
+
+A live call is a process too, stored and run like any other but at live priority
+and refused at once (429) when the work ahead of it would keep it from finishing
+in time. `start_live` stores and starts one; its caller watches it, takes its
+partial images as the model decodes them and stops it when its client leaves.
+`LiveCalls` is the part of `ProcessQueue` (processes.py) that does this.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from PIL import Image
+
+from t2i_task.config import GenerationParameters
+from t2i_task.failures import ClientGone, QueueFull
+from t2i_task.scheduler import Priority
+from t2i_task.sizes import resized
+
+if TYPE_CHECKING:
+    from t2i_task.processes import Finished
+
+CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
+
+
+@dataclass
+class LiveCall:
+    """A live generation in flight: its process and the task running it (its result: Finished)."""
+
+    process_id: int
+    params: GenerationParameters
+    running: asyncio.Task
+
+
+class LiveCalls:
+    """ProcessQueue's methods for callers who wait (it provides the state they use)."""
+
+    async def start_live(
+        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters, partial_images: int = 0
+    ) -> LiveCall:
+        """Store a new process and start it for a caller who waits (live priority), with
+        `partial_images` previews of each image decoded while it is drawn.
+
+        Refused (QueueFull) when the work ahead of it would keep it from finishing in time.
+        """
+        self.admit()
+        wait_s = self.scheduler.wait_s(self.cost_s(params), Priority.LIVE)
+        if wait_s > 0:
+            ahead = self.scheduler.waiting_s(Priority.LIVE)
+            raise QueueFull(f"Server busy: about {ahead:.0f} s of work is ahead of this request, which could not "
+                            f"finish in time. Retry later.", retry_after_s=wait_s)
+        self.answering += 1
+        try:
+            async with self._claims:
+                process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
+                                        steps=params.num_inference_steps)
+                self.in_hand.add(process.id)
+        except BaseException:
+            self.answering -= 1
+            raise
+        running = asyncio.ensure_future(self.generate(process, params, priority=Priority.LIVE,
+                                                      partial_images=partial_images))
+
+        def answered(_: asyncio.Task) -> None:
+            self.answering -= 1
+            self.in_hand.discard(process.id)
+
+        running.add_done_callback(answered)
+        return LiveCall(process.id, params, running)
+
+    async def run_now(
+        self,
+        session_id: int,
+        inputs: list[tuple[str, str]],
+        params: GenerationParameters,
+        client_gone: Callable[[], Awaitable[bool]] | None = None,
+    ) -> Finished:
+        """Store a new process and run it while the caller waits (see `start_live`).
+
+        If `client_gone` says the caller left, or the caller is cancelled, the process is
+        cancelled (its slot freed, its call stopped where nothing else in it is wanted); for
+        the first, ClientGone is raised.
+        """
+        live = await self.start_live(session_id, inputs, params)
+        try:
+            while client_gone is not None and not live.running.done():
+                await asyncio.wait({live.running}, timeout=CLIENT_POLL_S)
+                if not live.running.done() and await client_gone():
+                    await self.stop_live(live)
+                    raise ClientGone(f"The client of process {live.process_id} went away; it was cancelled.")
+            return await asyncio.shield(live.running)
+        except asyncio.CancelledError:  # this request itself cancelled (the server stopping, say): so is its work
+            self.abandon(live)
+            raise
+
+    async def previews(self, live: LiveCall, since: int) -> list[Image.Image]:
+        """The live call's partial images from the `since`-th on, once the model has decoded them."""
+        if self.progress.previews_ready.get(live.process_id, 0) <= since:
+            return []
+        asked = (live.params.width, live.params.height)
+        return [resized(image, *asked) for image in
+                await self.model.previews(live.process_id, since, self.drawn(*asked))]
+
+    async def stop_live(self, live: LiveCall) -> None:
+        """Cancel a live call: its process ends ERROR "cancelled", the model stops its call at
+        the next step if nothing else in it is wanted."""
+        if not live.running.done():
+            await self._stop(live.process_id, live.running)
+
+    def abandon(self, live: LiveCall) -> None:
+        """`stop_live` from a caller that is being cancelled itself and cannot wait for it."""
+        stopping = asyncio.ensure_future(self.stop_live(live))
+        self._stopping.add(stopping)
+        stopping.add_done_callback(self._stopping.discard)
