@@ -344,21 +344,28 @@ def test_a_cancelled_job_leaves_its_batch_mates_untouched(runner, monkeypatch):
     assert np.abs(pixels(alone.images[0]) - pixels(kept.images[0])).max() <= BATCH_TOLERANCE
 
 
-def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
-    seen: list[dict] = []
-    report = runner._step_callback
+def after_each_step(runner, monkeypatch, look) -> list:
+    """What `look()` returns after the runner's own step callback, at each step: what another
+    thread (the service's `progress` and `previews`) would read then."""
+    seen: list = []
+    callback_for = runner._step_callback
 
     def watching(*call):
-        callback = report(*call)
+        callback = callback_for(*call)
 
         def on_step_end(pipeline, step, timestep, callback_kwargs):
             kwargs = callback(pipeline, step, timestep, callback_kwargs)
-            seen.append(runner.progress())  # what another thread asking now would read
+            seen.append(look())
             return kwargs
 
         return on_step_end
 
     monkeypatch.setattr(runner, "_step_callback", watching)
+    return seen
+
+
+def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
+    seen = after_each_step(runner, monkeypatch, runner.progress)
     runner.generate([request(num_inference_steps=3, job=31), request(num_inference_steps=3, job=32, seed=2)])
     assert seen == [{31: (1, 3), 32: (1, 3)}, {31: (2, 3), 32: (2, 3)}, {31: (3, 3), 32: (3, 3)}]
     assert runner.progress() == {}  # the call is over
@@ -366,20 +373,7 @@ def test_the_running_call_reports_each_jobs_steps(runner, monkeypatch):
 
 def test_partial_images_are_decoded_at_spread_steps_and_leave_the_image_unchanged(runner, monkeypatch):
     plain = runner.generate([request(prompt="a red circle", seed=5, num_inference_steps=6)])[0]
-    live: list[int] = []
-    watch = runner._step_callback
-
-    def watching(*call):
-        callback = watch(*call)
-
-        def on_step_end(pipeline, step, timestep, callback_kwargs):
-            kwargs = callback(pipeline, step, timestep, callback_kwargs)
-            live.append(len(runner.previews(41)))  # what the service's `previews` would answer now
-            return kwargs
-
-        return on_step_end
-
-    monkeypatch.setattr(runner, "_step_callback", watching)
+    live = after_each_step(runner, monkeypatch, lambda: len(runner.previews(41)))
     [previewed, mate] = runner.generate([
         request(prompt="a red circle", seed=5, num_inference_steps=6, partial_images=2, job=41),
         request(prompt="a blue square", seed=6, num_inference_steps=6, job=42),
