@@ -35,7 +35,7 @@ from t2i_task.api import dashai, dashai_components, dashai_jobs, openai
 from t2i_task.api.backend import Backend
 from t2i_task.api.errors import install_error_handlers
 from t2i_task.config import load_settings
-from t2i_task.http_guards import ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
+from t2i_task.http_guards import AnswerFailuresMiddleware, ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
 from t2i_task.failures import ModelUnavailable
 from t2i_task.processes import ProcessQueue
 from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
@@ -217,9 +217,11 @@ class TextToImageService:
         self.backend.store.close()
 
 
-# In this order, outermost first: CORS answers browsers' preflights (they carry no key),
-# a request without a valid key is refused before its body is read, and errors of
-# routes nobody matched are JSON like every other error.
+# In this order, outermost first: every request gets an answer even if its handler raises,
+# CORS answers browsers' preflights (they carry no key), a request without a valid key is
+# refused before its body is read, and errors of routes nobody matched are JSON like every
+# other error.
+TextToImageService.add_asgi_middleware(AnswerFailuresMiddleware)
 if settings.serving.cors_origins:
     TextToImageService.add_asgi_middleware(
         CORSMiddleware, allow_origins=settings.serving.cors_origins, allow_methods=["*"], allow_headers=["*"],

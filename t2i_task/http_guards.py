@@ -1,5 +1,6 @@
-"""ASGI guards in front of every route, BentoML's own included: API keys, a body size
-limit, and JSON for the errors BentoML's own router answers in plain text.
+"""ASGI guards in front of every route, BentoML's own included: an answer for every
+request whose handler fails, API keys, a body size limit, and JSON for the errors
+BentoML's own router answers in plain text.
 
 They answer in the error shape of the route they guard: OpenAI's
 `{"error": {...}}` under `/v1/`, `{"detail": ...}` elsewhere.
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 from collections.abc import Iterable
 
 from starlette.exceptions import HTTPException
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
+logger = logging.getLogger("t2i.http")
 
 
 def is_openai_path(path: str) -> bool:
@@ -37,6 +40,45 @@ async def send_error(send, path: str, status: int, message: str, code: str | Non
         "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers],
     })
     await send({"type": "http.response.body", "body": body})
+
+
+class AnswerFailuresMiddleware:
+    """A handler that raises before it answers gets a JSON error: 503 for /readyz (BentoML's
+    probe raises while the model service is still loading), 500 elsewhere.
+
+    Without it the request never ends: BentoML's timeout middleware waits for a response
+    until `serving.request_timeout_s`, and uvicorn waits for that request on SIGTERM, so
+    one readiness probe during loading kept a server from stopping.
+    """
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracking_send(event):
+            nonlocal started
+            started = started or event["type"] == "http.response.start"
+            await send(event)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception as exc:
+            if started:
+                raise
+            path = scope["path"]
+            if path == "/readyz":
+                logger.debug("not ready: %s", describe(exc))
+                return await send_error(send, path, 503, f"Not ready: {describe(exc)}.")
+            logger.exception("%s %s failed", scope.get("method"), path)
+            await send_error(send, path, 500, f"Internal error ({type(exc).__name__}).")
+
+
+def describe(exc: Exception) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 class ApiKeyMiddleware:

@@ -95,6 +95,14 @@ def test_killed_server_resumes_its_work_on_restart_and_loses_nothing(tiny_model_
         server.stop()
 
 
+def test_sigterm_stops_a_server_that_was_probed_while_its_model_loaded(tiny_model_path, folder):
+    # BentoML's /readyz raises while the model service is still loading; unanswered, each such
+    # probe lived until the request timeout and uvicorn waited for it on SIGTERM.
+    # start_server probes every 0.3 s, each giving up after 2 s.
+    server = start_server(write_config(folder, tiny_model_path), env=Gate(folder).env(T2I_TEST_LOAD_DELAY_S="8"))
+    assert server.stop(timeout=30) == 0, "stopped by SIGTERM, not killed after the timeout"
+
+
 def test_a_process_interrupted_too_often_is_given_up_with_a_reason(tiny_model_path, folder):
     config = write_config(folder, tiny_model_path, serving={"max_attempts": 1})
     env = {"T2I_INSTANCE_NAME": "give-up-test"}
