@@ -37,6 +37,7 @@ from t2i_task.api.errors import install_error_handlers
 from t2i_task.config import load_settings
 from t2i_task.http_guards import AnswerFailuresMiddleware, ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
 from t2i_task.failures import ModelUnavailable
+from t2i_task.model_calls import CallBatcher
 from t2i_task.processes import ProcessQueue
 from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
 from t2i_task.store import Store
@@ -46,6 +47,17 @@ settings = load_settings()
 logger = logging.getLogger("t2i.service")
 MODEL_READY_POLL_S = 0.5
 MODEL_CONTROL_TIMEOUT_S = 5  # a cancel or a progress question gets an answer even if the model service gives none
+REQUESTS_AT_MODEL = bentoml.metrics.Gauge(
+    name="t2i_requests_at_model",
+    documentation="Generation requests sent to the model service or waiting for the next call to it",
+    multiprocess_mode="livesum",
+)
+# BentoML's own adaptive_batch_size counts the calls it joins, and a call carries many requests.
+MODEL_BATCH_SIZE = bentoml.metrics.Histogram(
+    name="t2i_model_batch_size",
+    documentation="Generation requests in each call of the model's generate (one batch of pipeline calls)",
+    buckets=[1, 2, 4, 8, 16, 32, 64],
+)
 
 
 class GeneratedImages(BaseModel):
@@ -104,6 +116,7 @@ class DiffusionService:
         max_latency_ms=settings.batching.max_latency_ms,
     )
     def generate(self, requests: list[GenerationRequest]) -> list[GeneratedImages]:
+        MODEL_BATCH_SIZE.observe(len(requests))
         return [GeneratedImages.of(request, result) for request, result in zip(requests, self.runner.generate(requests))]
 
     @bentoml.api
@@ -129,18 +142,26 @@ class DiffusionClient:
     BentoML's client between the two services (looked up at each call: BentoML sets it up
     after the API service is built)."""
 
-    def __init__(self, service: Callable[[], Any]) -> None:
+    def __init__(self, service: Callable[[], Any], max_batch: int) -> None:
         self.service = service
+        self.calls = CallBatcher(self._generate, max_batch)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """One request through the batcher."""
+        """One request, in the next call to the model's batcher (t2i_task/model_calls.py)."""
+        REQUESTS_AT_MODEL.inc()
         try:
-            [generated] = await self.service().to_async.generate([request])
+            return await self.calls.submit(request)
+        finally:
+            REQUESTS_AT_MODEL.dec()
+
+    async def _generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+        try:
+            generated = await self.service().to_async.generate(requests)
         except aiohttp.ClientConnectionError as exc:
             # The model's worker is stopping (SIGTERM reaches it and this process
             # at once) or restarting after a crash.
             raise ModelUnavailable(f"The model service is unavailable ({type(exc).__name__}).") from exc
-        return generated.result()
+        return [images.result() for images in generated]
 
     async def progress(self) -> dict[int, tuple[int, int, int]]:
         reported = await asyncio.wait_for(self.service().to_async.progress(), MODEL_CONTROL_TIMEOUT_S)
@@ -185,7 +206,7 @@ class TextToImageService:
     def __init__(self) -> None:
         store = Store(settings.storage.database_url, settings.storage.images_dir)
         task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
-        self.queue = ProcessQueue(store, task, settings, DiffusionClient(lambda: self.diffusion))
+        self.queue = ProcessQueue(store, task, settings, DiffusionClient(lambda: self.diffusion, settings.batching.max_batch_size))
         self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None

@@ -52,7 +52,7 @@ CHART = PROJECT_ROOT / "bench" / "results.png"
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 DOC_START, DOC_END = "<!-- make bench: start -->", "<!-- make bench: end -->"
 BATCH_METRIC = re.compile(
-    r'^bentoml_service_adaptive_batch_size_(sum|count)\{[^}]*method_name="generate"[^}]*\} (\S+)$', re.MULTILINE
+    r'^t2i_model_batch_size_(sum|count)(?:\{[^}]*\})? (\S+)$', re.MULTILINE
 )
 
 

@@ -33,12 +33,10 @@ def wait_for(predicate, timeout: float = WAIT_S, interval: float = 0.05, what: s
 
 
 def queued_at_model(url: str) -> int:
-    """Requests the model service holds now (running or waiting in BentoML's batcher), from /metrics."""
+    """Requests handed to the model now (running, in its batcher, or waiting in the API process
+    for the next call to it: t2i_task/model_calls.py), from /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
-    match = re.search(
-        r'^bentoml_service_request_in_progress{endpoint="/generate",[^}]*service_name="t2i-diffusion"[^}]*} (\S+)$',
-        text, re.MULTILINE,
-    )
+    match = re.search(r'^t2i_requests_at_model(?:{[^}]*})? (\S+)$', text, re.MULTILINE)
     return int(float(match[1])) if match else 0
 
 

@@ -42,11 +42,11 @@ def decode(b64: str) -> np.ndarray:
 
 
 def batch_size_totals(http) -> tuple[float, float]:
-    """(sum, count) of the diffusion service's adaptive batch sizes, from /metrics (zeros before the first batch)."""
+    """(sum, count) of the requests in each of the model's batches, from /metrics (zeros before the first batch)."""
     text = http.get("/metrics").text
     totals = {}
     for kind in ("sum", "count"):
-        match = re.search(rf'^bentoml_service_adaptive_batch_size_{kind}{{[^}}]*method_name="generate"[^}}]*}} (\S+)$',
+        match = re.search(rf'^t2i_model_batch_size_{kind}(?:{{[^}}]*}})? (\S+)$',
                           text, re.MULTILINE)
         totals[kind] = float(match[1]) if match else 0.0
     return totals["sum"], totals["count"]
