@@ -14,17 +14,16 @@ from t2i_task.local_server import PROJECT_ROOT
 LOCUST = PROJECT_ROOT / ".venv" / "bin" / "locust"
 
 
-def test_bench_writes_results_chart_and_doc_section(tmp_path):
+def test_bench_writes_results_chart_and_doc_section_and_ends_with_its_ratios(tmp_path):
     doc = tmp_path / "benchmarks.md"
     doc.write_text("# Benchmarks\n\nkept\n\n<!-- make bench: start -->\nold\n<!-- make bench: end -->\n\ntail\n")
     done = subprocess.run(
         [sys.executable, "bench/benchmark.py", "--concurrency", "1", "4", "--seconds", "2", "--rounds", "1",
-         "--batches", "1", "2", "--results", str(tmp_path / "r.json"), "--chart", str(tmp_path / "r.png"),
-         "--doc", str(doc)],
+         "--batches", "1", "2", "--large-size", "40", "--results", str(tmp_path / "r.json"),
+         "--chart", str(tmp_path / "r.png"), "--doc", str(doc)],
         cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600,
     )
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "[3/3] done" in done.stdout and "| concurrency |" in done.stdout
+    assert "[3/3] done" in done.stdout and "| concurrency |" in done.stdout, done.stdout[-3000:] + done.stderr[-3000:]
 
     results = json.loads((tmp_path / "r.json").read_text())
     assert [row["batch"] for row in results["bare"]] == [1, 2]
@@ -34,8 +33,16 @@ def test_bench_writes_results_chart_and_doc_section(tmp_path):
         assert row["requests"] > 0 and row["statuses"].get("200", 0) > 0
         assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
         assert row["mean_batch_size"] >= 1 and row["peak_memory_mb"] > 0
+        assert row["cpu_ms_per_image"]["model worker"] > 0 and row["cpu_ms_per_image"]["API worker"] > 0
     assert results["dashai_burst"]["stuck"] == 0
     assert results["targets"] and all(isinstance(t["met"], bool) for t in results["targets"])
+    assert results["large"]["size"] == 40 and [r["concurrency"] for r in results["large"]["served"]] == [1, 16]
+
+    # The run ends with its ratio (concurrency 1 over bare batch 1: no 16 here), and fails below 0.9.
+    [ratio] = results["ratios"]
+    last = done.stdout.strip().splitlines()[-1]
+    assert last.startswith("served concurrency 1 / bare batch 1: ") and f"{ratio['ratio']:.3f}" in last
+    assert done.returncode == (1 if ratio["ratio"] < 0.9 else 0), done.stderr[-3000:]
 
     assert Image.open(tmp_path / "r.png").format == "PNG"
     text = doc.read_text()
