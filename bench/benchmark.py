@@ -42,10 +42,10 @@ from pathlib import Path
 
 import httpx
 import psutil
-import yaml
 
 from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings
 from t2i_task.local_server import PROJECT_ROOT, start_server, write_config
+from t2i_task.sizes import DrawnSizes
 
 RESULTS = PROJECT_ROOT / "bench" / "results.json"
 CHART = PROJECT_ROOT / "bench" / "results.png"
@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"[2/3] server under load at concurrency {args.concurrency}")
     parameters = {"width": size, "height": size, "num_inference_steps": steps, "guidance_scale": guidance}
     served, burst = measure_server(config, args.concurrency, args.seconds, request_body(size, steps, guidance),
-                                   parameters, **drawn_at(config, size))
+                                   parameters, **drawn_at(settings.model.sizes, size))
 
     large = None
     if args.large_size:
@@ -442,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
         big_bare = measure_bare_pipeline(settings.model.path, settings.runtime, [1, 8], big, steps, guidance,
                                          max(2, args.rounds // 3))
         big_served, _ = measure_server(config, [1, 16], args.seconds, request_body(big, steps, guidance), None,
-                                       **drawn_at(config, big))
+                                       **drawn_at(settings.model.sizes, big))
         large = {"size": big, "bare": big_bare, "served": big_served, "ratios": overhead_ratios(big_bare, big_served)}
 
     results = {
@@ -485,11 +485,12 @@ def request_body(size: int, steps: int, guidance: float) -> dict:
             "response_format": "b64_json", "num_inference_steps": steps, "guidance_scale": guidance}
 
 
-def drawn_at(config: Path, size: int) -> dict:
+def drawn_at(sizes: DrawnSizes | None, size: int) -> dict:
     """Configuration overrides under which the served model draws `size` itself, as the bare
     pipeline does, rather than a size from model.sizes' range resized."""
-    sizes = yaml.safe_load(config.read_text())["model"].get("sizes") or {"native": size, "min": size, "max": size}
-    return {"model": {"sizes": {**sizes, "min": min(size, sizes["min"]), "max": max(size, sizes["max"])}}}
+    if sizes is None:  # every size is drawn as asked
+        return {}
+    return {"model": {"sizes": {**sizes.model_dump(), "min": min(size, sizes.min), "max": max(size, sizes.max)}}}
 
 
 if __name__ == "__main__":

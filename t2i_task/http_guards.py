@@ -42,6 +42,17 @@ async def send_error(send, path: str, status: int, message: str, code: str | Non
     await send({"type": "http.response.body", "body": body})
 
 
+class StartWatchingSend:
+    """A `send` that notes whether the response has started (after that, no error answer fits)."""
+
+    def __init__(self, send) -> None:
+        self.send, self.started = send, False
+
+    async def __call__(self, event) -> None:
+        self.started = self.started or event["type"] == "http.response.start"
+        await self.send(event)
+
+
 class AnswerFailuresMiddleware:
     """A handler that raises before it answers gets a JSON error: 503 for /readyz (BentoML's
     probe raises while the model service is still loading), 500 elsewhere.
@@ -57,17 +68,11 @@ class AnswerFailuresMiddleware:
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        started = False
-
-        async def tracking_send(event):
-            nonlocal started
-            started = started or event["type"] == "http.response.start"
-            await send(event)
-
+        watched = StartWatchingSend(send)
         try:
-            await self.app(scope, receive, tracking_send)
+            await self.app(scope, receive, watched)
         except Exception as exc:
-            if started:
+            if watched.started:
                 raise
             path = scope["path"]
             if path == "/readyz":
@@ -121,7 +126,6 @@ class BodySizeLimitMiddleware:
             return await send_error(send, scope["path"], 413, message)
 
         received = 0
-        response_started = False
 
         async def counting_receive():
             nonlocal received
@@ -133,15 +137,11 @@ class BodySizeLimitMiddleware:
                     raise HTTPException(status_code=413, detail=message)
             return event
 
-        async def tracking_send(event):
-            nonlocal response_started
-            response_started = response_started or event["type"] == "http.response.start"
-            await send(event)
-
+        watched = StartWatchingSend(send)
         try:
-            await self.app(scope, counting_receive, tracking_send)
+            await self.app(scope, counting_receive, watched)
         except HTTPException as exc:
-            if exc.status_code != 413 or response_started:
+            if exc.status_code != 413 or watched.started:
                 raise
             await send_error(send, scope["path"], 413, message)
 

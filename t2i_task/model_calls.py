@@ -58,14 +58,17 @@ class CallBatcher(Generic[Request, Result]):
         return sum(not future.done() for _, future in self.waiting)
 
     async def _run(self, batch: list[tuple[Request, asyncio.Future]]) -> None:
+        waiting = [future for _, future in batch]
         try:
             results = await self.call([request for request, _ in batch])
-        except BaseException as exc:  # noqa: BLE001 - every caller of the call gets its failure
-            for _, future in batch:
+        except Exception as exc:  # every caller of the call gets its failure
+            for future in waiting:
                 if not future.done():
-                    future.set_exception(exc if isinstance(exc, Exception) else asyncio.CancelledError())
-            if not isinstance(exc, Exception):
-                raise
+                    future.set_exception(exc)
+        except BaseException:  # this task cancelled (the server stopping): so are its callers
+            for future in waiting:
+                future.cancel()
+            raise
         else:
             for (_, future), result in zip(batch, results, strict=True):
                 if not future.done():

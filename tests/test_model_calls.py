@@ -31,63 +31,60 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
-def test_requests_that_wait_behind_a_running_call_go_as_full_batches_then_the_rest():
-    async def scenario():
-        model = RecordingModel()
-        batcher = CallBatcher(model.call, max_batch=8)
-        first = asyncio.create_task(batcher.submit(0))
-        await settle()
-        assert model.calls == [[0]], "the model was idle: sent at once"
-        rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 16)]
-        await settle()
-        assert model.calls == [[0], list(range(1, 9))], "a full batch queues behind the running call"
-        model.release[0].set()
-        await settle()
-        assert len(model.calls) == 2, "the part batch waits while a call is still at the model"
-        model.release[1].set()
-        await settle()
-        assert model.calls[2] == list(range(9, 16))
-        model.release[2].set()
-        assert await first == 0 and [await task for task in rest] == [i * 2 for i in range(1, 16)]
-    asyncio.run(scenario())
+@pytest.mark.anyio
+async def test_requests_that_wait_behind_a_running_call_go_as_full_batches_then_the_rest():
+    model = RecordingModel()
+    batcher = CallBatcher(model.call, max_batch=8)
+    first = asyncio.create_task(batcher.submit(0))
+    await settle()
+    assert model.calls == [[0]], "the model was idle: sent at once"
+    rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 16)]
+    await settle()
+    assert model.calls == [[0], list(range(1, 9))], "a full batch queues behind the running call"
+    model.release[0].set()
+    await settle()
+    assert len(model.calls) == 2, "the part batch waits while a call is still at the model"
+    model.release[1].set()
+    await settle()
+    assert model.calls[2] == list(range(9, 16))
+    model.release[2].set()
+    assert await first == 0 and [await task for task in rest] == [i * 2 for i in range(1, 16)]
 
 
-def test_a_failed_call_fails_each_of_its_requests_and_the_next_ones_still_run():
-    async def scenario():
-        model = RecordingModel()
-        batcher = CallBatcher(model.call, max_batch=8)
-        first = asyncio.create_task(batcher.submit(7))
-        await settle()
-        doomed = [asyncio.create_task(batcher.submit(r)) for r in (-1, 3)]
-        await settle()
-        model.release[0].set()
-        await settle()
-        model.release[1].set()
-        for task in doomed:
-            with pytest.raises(RuntimeError, match="gone"):
-                await task
-        later = asyncio.create_task(batcher.submit(5))
-        await settle()
-        model.release[2].set()
-        assert await first == 14 and await later == 10
-        assert model.calls == [[7], [-1, 3], [5]]
-    asyncio.run(scenario())
+@pytest.mark.anyio
+async def test_a_failed_call_fails_each_of_its_requests_and_the_next_ones_still_run():
+    model = RecordingModel()
+    batcher = CallBatcher(model.call, max_batch=8)
+    first = asyncio.create_task(batcher.submit(7))
+    await settle()
+    doomed = [asyncio.create_task(batcher.submit(r)) for r in (-1, 3)]
+    await settle()
+    model.release[0].set()
+    await settle()
+    model.release[1].set()
+    for task in doomed:
+        with pytest.raises(RuntimeError, match="gone"):
+            await task
+    later = asyncio.create_task(batcher.submit(5))
+    await settle()
+    model.release[2].set()
+    assert await first == 14 and await later == 10
+    assert model.calls == [[7], [-1, 3], [5]]
 
 
-def test_a_caller_that_leaves_before_its_call_is_not_sent():
-    async def scenario():
-        model = RecordingModel()
-        batcher = CallBatcher(model.call, max_batch=8)
-        running = asyncio.create_task(batcher.submit(1))
-        await settle()
-        leaving = asyncio.create_task(batcher.submit(2))
-        staying = asyncio.create_task(batcher.submit(3))
-        await settle()
-        leaving.cancel()
-        await settle()
-        model.release[0].set()
-        await settle()
-        model.release[1].set()
-        assert await running == 2 and await staying == 6
-        assert model.calls == [[1], [3]]
-    asyncio.run(scenario())
+@pytest.mark.anyio
+async def test_a_caller_that_leaves_before_its_call_is_not_sent():
+    model = RecordingModel()
+    batcher = CallBatcher(model.call, max_batch=8)
+    running = asyncio.create_task(batcher.submit(1))
+    await settle()
+    leaving = asyncio.create_task(batcher.submit(2))
+    staying = asyncio.create_task(batcher.submit(3))
+    await settle()
+    leaving.cancel()
+    await settle()
+    model.release[0].set()
+    await settle()
+    model.release[1].set()
+    assert await running == 2 and await staying == 6
+    assert model.calls == [[1], [3]]
