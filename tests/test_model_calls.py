@@ -26,15 +26,23 @@ class RecordingModel:
         return [r * 2 for r in requests]
 
 
+@pytest.fixture
+def model() -> RecordingModel:
+    return RecordingModel()
+
+
+@pytest.fixture
+def batcher(model) -> CallBatcher:
+    return CallBatcher(model.call, max_batch=8)
+
+
 async def settle() -> None:
     for _ in range(5):
         await asyncio.sleep(0)
 
 
 @pytest.mark.anyio
-async def test_requests_that_wait_behind_a_running_call_go_as_full_batches_then_the_rest():
-    model = RecordingModel()
-    batcher = CallBatcher(model.call, max_batch=8)
+async def test_requests_that_wait_behind_a_running_call_go_as_full_batches_then_the_rest(model, batcher):
     first = asyncio.create_task(batcher.submit(0))
     await settle()
     assert model.calls == [[0]], "the model was idle: sent at once"
@@ -52,9 +60,7 @@ async def test_requests_that_wait_behind_a_running_call_go_as_full_batches_then_
 
 
 @pytest.mark.anyio
-async def test_a_failed_call_fails_each_of_its_requests_and_the_next_ones_still_run():
-    model = RecordingModel()
-    batcher = CallBatcher(model.call, max_batch=8)
+async def test_a_failed_call_fails_each_of_its_requests_and_the_next_ones_still_run(model, batcher):
     first = asyncio.create_task(batcher.submit(7))
     await settle()
     doomed = [asyncio.create_task(batcher.submit(r)) for r in (-1, 3)]
@@ -73,9 +79,7 @@ async def test_a_failed_call_fails_each_of_its_requests_and_the_next_ones_still_
 
 
 @pytest.mark.anyio
-async def test_a_caller_that_leaves_before_its_call_is_not_sent():
-    model = RecordingModel()
-    batcher = CallBatcher(model.call, max_batch=8)
+async def test_a_caller_that_leaves_before_its_call_is_not_sent(model, batcher):
     running = asyncio.create_task(batcher.submit(1))
     await settle()
     leaving = asyncio.create_task(batcher.submit(2))
