@@ -253,7 +253,8 @@ class ProcessQueue(LiveCalls):
                                "it cannot be cancelled here.")
         job = self.pending.get(process_id)
         if job is None:  # queued by another replica, or lost: its owner finds it ended
-            return await self.db(self.store.fail_process, process_id, CANCELLED)
+            await self.db(self.store.fail_process, process_id, CANCELLED)
+            return await self.db(self.store.get_process, process_id)
         await self._stop(process_id, job)
         process = await self.db(self.store.get_process, process_id)
         if process.status is RunStatus.FINISHED:  # it ended just before the cancel reached it

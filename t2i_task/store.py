@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -225,21 +225,22 @@ class Store:
         """
         if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED):
             raise ValueError(f"a new process is NOT_STARTED or DELIVERED, not {status.name}")
-        with self._transaction() as db:
-            self._load_session(db, session_id)
-            now = utcnow()
-            process = GenerativeProcess(
-                session_id=session_id,
-                status=status,
-                created=now,
-                delivery_time=now if status is RunStatus.DELIVERED else None,
-                owner=owner,
-                progress_step=0 if steps else None,
-                progress_total=steps,
-                data=[ProcessData(data=data, data_type=data_type, is_input=True) for data, data_type in inputs],
-            )
-            db.add(process)
-        return process
+        now = utcnow()
+        values = {"session_id": session_id, "status": status, "created": now, "last_modified": now,
+                  "delivery_time": now if status is RunStatus.DELIVERED else None, "start_time": None,
+                  "end_time": None, "owner": owner, "attempts": 0, "progress_step": 0 if steps else None,
+                  "progress_total": steps}
+        # Core statements, not the ORM's unit of work: every generation is stored on its request's path.
+        with self.engine.begin() as db:
+            if db.scalar(select(GenerativeSession.id).where(GenerativeSession.id == session_id)) is None:
+                raise SessionNotFound(session_id)
+            process_id = db.execute(insert(GenerativeProcess).values(values).returning(GenerativeProcess.id)).scalar_one()
+            rows = [{"process_id": process_id, "data": data, "data_type": data_type, "is_input": True}
+                    for data, data_type in inputs]
+            row_ids = db.execute(insert(ProcessData).returning(ProcessData.id, sort_by_parameter_order=True),
+                                 rows).scalars().all() if rows else []
+        return GenerativeProcess(id=process_id, **values,
+                                 data=[ProcessData(id=row_id, **row) for row_id, row in zip(row_ids, rows)])
 
     def get_process(self, process_id: int) -> GenerativeProcess:
         with self._sessionmaker() as db:
@@ -251,16 +252,16 @@ class Store:
             query = select(GenerativeProcess).where(GenerativeProcess.session_id == session_id)
             return list(db.scalars(query.order_by(GenerativeProcess.id)))
 
-    def deliver_process(self, process_id: int) -> GenerativeProcess:
+    def deliver_process(self, process_id: int) -> None:
         """Queue a NOT_STARTED process, or put a STARTED one back in the queue."""
-        return self._move(process_id, RunStatus.DELIVERED)
+        self._move(process_id, RunStatus.DELIVERED)
 
-    def start_process(self, process_id: int) -> GenerativeProcess:
-        return self._move(process_id, RunStatus.STARTED)
+    def start_process(self, process_id: int) -> None:
+        self._move(process_id, RunStatus.STARTED)
 
-    def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]]) -> GenerativeProcess:
+    def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]]) -> None:
         """Attach the output rows and mark the process FINISHED, together."""
-        return self._move(process_id, RunStatus.FINISHED, outputs)
+        self._move(process_id, RunStatus.FINISHED, outputs)
 
     def record_progress(self, progress: dict[int, tuple[int, int]]) -> None:
         """Steps done and in all of running processes, in one transaction; ended ones keep theirs."""
@@ -269,33 +270,40 @@ class Store:
                     GenerativeProcess.id.in_(progress), GenerativeProcess.status == RunStatus.STARTED)):
                 process.progress_step, process.progress_total = progress[process.id]
 
-    def fail_process(self, process_id: int, message: str) -> GenerativeProcess:
+    def fail_process(self, process_id: int, message: str) -> None:
         """Mark the process ERROR with one `("Error details: ...", "str")` output row."""
-        return self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")])
+        self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")])
 
-    def _move(
-        self, process_id: int, status: RunStatus, outputs: Iterable[tuple[str, str]] = ()
-    ) -> GenerativeProcess:
-        with self._transaction() as db:
-            # Row lock on PostgreSQL, so two replicas cannot move one process at once.
-            process = self._load_process(db, process_id, for_update=True)
-            if status not in _TRANSITIONS[process.status]:
-                raise InvalidTransition(process_id, process.status, status)
-            now = utcnow()
-            process.status = status
-            process.last_modified = now
-            if status is RunStatus.DELIVERED:
-                process.delivery_time = now
-            elif status is RunStatus.STARTED:
-                process.start_time = now
-                process.attempts += 1
-            else:
-                process.end_time = now
-                if status is RunStatus.FINISHED and process.progress_total:
-                    process.progress_step = process.progress_total
-            for data, data_type in outputs:
-                process.data.append(ProcessData(data=data, data_type=data_type, is_input=False))
-        return process
+    def _move(self, process_id: int, status: RunStatus, outputs: Iterable[tuple[str, str]] = ()) -> None:
+        # One UPDATE guarded by the statuses it may come from, rather than loading the process
+        # and its rows: the transitions are on every generation's path. On PostgreSQL the
+        # UPDATE takes the row's lock, so of two replicas moving one process at once, the
+        # second finds it already moved.
+        now = utcnow()
+        changes: dict[str, Any] = {"status": status, "last_modified": now}
+        if status is RunStatus.DELIVERED:
+            changes["delivery_time"] = now
+        elif status is RunStatus.STARTED:
+            changes.update(start_time=now, attempts=GenerativeProcess.attempts + 1)
+        else:
+            changes["end_time"] = now
+            if status is RunStatus.FINISHED:  # all its steps done
+                total = GenerativeProcess.progress_total
+                changes["progress_step"] = case((total > 0, total), else_=GenerativeProcess.progress_step)
+        sources = [source for source, targets in _TRANSITIONS.items() if status in targets]
+        with self.engine.begin() as db:  # Core, no ORM session: nothing is loaded
+            moved = db.execute(update(GenerativeProcess)
+                               .where(GenerativeProcess.id == process_id, GenerativeProcess.status.in_(sources))
+                               .values(changes))
+            if moved.rowcount != 1:
+                current = db.scalar(select(GenerativeProcess.status).where(GenerativeProcess.id == process_id))
+                if current is None:
+                    raise ProcessNotFound(process_id)
+                raise InvalidTransition(process_id, current, status)
+            rows = [{"process_id": process_id, "data": data, "data_type": data_type, "is_input": False}
+                    for data, data_type in outputs]
+            if rows:
+                db.execute(insert(ProcessData), rows)
 
     def recover(
         self, owner: str, max_attempts: int, exclude: Iterable[int] = ()
