@@ -99,6 +99,9 @@ def raw(images: list[Image.Image]) -> list[bytes]:
     # in flight: they fail, and the model still runs them (bentoml/BentoML#5698).
     # A local socket to one worker needs no renewal.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
+    # Only the API service calls this one, several times a request: the API's access log
+    # records each request once.
+    logging={"access": {"enabled": False}},
 )
 class DiffusionService:
     def __init__(self) -> None:

@@ -220,11 +220,13 @@ class ProcessQueue(LiveCalls):
                 }
                 for seed in generated.seeds
             ]
-            saved = await to_thread.run_sync(
-                lambda: self.task.process_output([resized(image, *asked) for image in generated.images],
-                                                 images_path=self.store.images_dir, parameters=provenance)
-            )
-            await self.db(self.store.finish_process, process.id, saved)
+
+            def save_and_finish() -> None:  # one trip to a worker thread: this is on the answer's path
+                saved.extend(self.task.process_output([resized(image, *asked) for image in generated.images],
+                                                      images_path=self.store.images_dir, parameters=provenance))
+                self.store.finish_process(process.id, saved)
+
+            await to_thread.run_sync(save_and_finish)
             return Finished(saved, [resized(image, *asked) for image in generated.previews], generated.prompt_tokens)
         except BaseException as exc:
             self.store.remove_images(name for name, _ in saved)

@@ -28,7 +28,7 @@ class Backend:
         return await self.queue.db(call, *args, **kwargs)
 
 
-def _backend(request: Request) -> Backend:
+async def _backend(request: Request) -> Backend:  # async: FastAPI runs a plain function in a thread
     return request.app.state.backend
 
 
