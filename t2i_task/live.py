@@ -18,6 +18,7 @@ from PIL import Image
 
 from t2i_task.config import GenerationParameters
 from t2i_task.failures import ClientGone, QueueFull
+from t2i_task.models import RunStatus
 from t2i_task.scheduler import Priority
 from t2i_task.sizes import resized
 
@@ -54,10 +55,13 @@ class LiveCalls:
             raise QueueFull(f"Server busy: about {ahead:.0f} s of work is ahead of this request, which could not "
                             f"finish in time. Retry later.", retry_after_s=wait_s)
         self.answering += 1
+        # One that the model has room for is stored STARTED: one write less on its path (it may
+        # still wait a moment for its slot if another took the room meanwhile).
+        status = RunStatus.STARTED if self.scheduler.has_room(self.cost_s(params), Priority.LIVE) else RunStatus.DELIVERED
         try:
             async with self._claims:
-                process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
-                                        steps=params.num_inference_steps)
+                process = await self.db(self.store.create_process, session_id, inputs, status=status,
+                                        owner=self.instance, steps=params.num_inference_steps)
                 self.in_hand.add(process.id)
         except BaseException:
             self.answering -= 1

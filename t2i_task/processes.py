@@ -197,7 +197,8 @@ class ProcessQueue(LiveCalls):
                 partial_images=partial_images,
             )
             async with self.scheduler.slot(self.cost_s(params), priority):
-                await self.db(self.store.start_process, process.id)
+                if process.status is not RunStatus.STARTED:  # a live call may be stored started
+                    await self.db(self.store.start_process, process.id)
                 started = True
                 self.at_model.add(process.id)
                 try:

@@ -60,6 +60,13 @@ class ModelScheduler:
         budget: 0 if it can be handed over in time now (the work ahead of it plus its own fits)."""
         return max(0.0, self.waiting_s(priority) + cost_s - self.budget_s)
 
+    def has_room(self, cost_s: float, priority: Priority) -> bool:
+        """Whether `slot` would hand this work over at once (nothing of its priority or a higher
+        one waits, and it fits)."""
+        if any(w.priority <= priority for w in self._waiting) or self.at_model >= self.max_at_model:
+            return False
+        return self.at_model_s + cost_s <= self.budget_s or self.at_model == 0
+
     @asynccontextmanager
     async def slot(self, cost_s: float, priority: Priority) -> AsyncIterator[None]:
         """Wait until the model has room for this work, hold it while the model runs it."""

@@ -220,16 +220,18 @@ class Store:
         """A process and its input rows, in one transaction.
 
         By default the process is DELIVERED at once: this server queues every
-        process as soon as it is stored. `owner` names the server instance
+        process as soon as it is stored; one that goes to the model at once may
+        be stored STARTED (its first attempt). `owner` names the server instance
         whose queue holds it; `steps`, its denoising steps (its progress: 0 of them).
         """
-        if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED):
-            raise ValueError(f"a new process is NOT_STARTED or DELIVERED, not {status.name}")
+        if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED, RunStatus.STARTED):
+            raise ValueError(f"a new process is NOT_STARTED, DELIVERED or STARTED, not {status.name}")
         now = utcnow()
+        started = status is RunStatus.STARTED
         values = {"session_id": session_id, "status": status, "created": now, "last_modified": now,
-                  "delivery_time": now if status is RunStatus.DELIVERED else None, "start_time": None,
-                  "end_time": None, "owner": owner, "attempts": 0, "progress_step": 0 if steps else None,
-                  "progress_total": steps}
+                  "delivery_time": now if status is not RunStatus.NOT_STARTED else None,
+                  "start_time": now if started else None, "end_time": None, "owner": owner,
+                  "attempts": 1 if started else 0, "progress_step": 0 if steps else None, "progress_total": steps}
         # Core statements, not the ORM's unit of work: every generation is stored on its request's path.
         with self.engine.begin() as db:
             if db.scalar(select(GenerativeSession.id).where(GenerativeSession.id == session_id)) is None:

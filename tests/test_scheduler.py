@@ -165,3 +165,23 @@ def test_a_waiter_cancelled_just_before_its_turn_is_skipped_not_granted():
         assert order == [] and scheduler.at_model_s == 0 and scheduler.at_model == 0
 
     run(scenario())
+
+
+def test_has_room_says_whether_work_would_be_handed_over_at_once():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=2)
+        order: list[str] = []
+        release = asyncio.Event()
+        assert scheduler.has_room(4, Priority.LIVE)
+        first = asyncio.create_task(hold(scheduler, 8, Priority.QUEUED, order, "running", release))
+        await settle()
+        assert not scheduler.has_room(4, Priority.LIVE)  # 12 s would not finish in time
+        assert scheduler.has_room(2, Priority.LIVE)
+        waiting = asyncio.create_task(hold(scheduler, 5, Priority.LIVE, order, "waiting", release))
+        await settle()
+        assert not scheduler.has_room(1, Priority.LIVE)  # a live request waits ahead of it
+        release.set()
+        await asyncio.gather(first, waiting)
+        assert order == ["running", "waiting"] and scheduler.has_room(4, Priority.LIVE)
+
+    run(scenario())

@@ -86,6 +86,20 @@ def test_a_new_process_is_delivered_with_its_input_rows(store):
     assert loaded.output == []
 
 
+def test_a_process_stored_started_counts_its_first_attempt_and_what_it_returns_matches_the_row(store):
+    process = store.create_process(new_session(store).id, [("a cat", "str"), ("a dog", "str")],
+                                   status=RunStatus.STARTED, owner="a", steps=4)
+    loaded = store.get_process(process.id)
+    for seen in (process, loaded):
+        assert seen.status is RunStatus.STARTED and seen.attempts == 1 and seen.owner == "a"
+        assert seen.start_time is not None and (seen.progress_step, seen.progress_total) == (0, 4)
+    assert [(row.id, row.data) for row in process.input] == [(row.id, row.data) for row in loaded.input]
+    store.finish_process(process.id, [("a.png", "Image")])
+    assert store.get_process(process.id).progress_step == 4  # all its steps done
+    with pytest.raises(ValueError):
+        store.create_process(process.session_id, [("x", "str")], status=RunStatus.FINISHED)
+
+
 def test_a_process_moves_through_started_to_finished_with_timestamps_and_outputs(store):
     process = store.create_process(new_session(store).id, [("a cat", "str")])
     store.start_process(process.id)
