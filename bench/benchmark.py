@@ -17,9 +17,11 @@ At the served model's defaults (configuration.yaml's `defaults`: size, steps, gu
 4. A larger workload (`--large-size`, 64x64 by default, drawn at that size)
    where the step loop dominates: bare batch 1 and 8 against concurrency 1 and 16.
 
-The ratios compare a served level with the bare pipeline measured just before
-and just after it (the server idle meanwhile), not with the table measured
-minutes earlier: this machine's speed drifts by as much as the targets' margins.
+The ratios compare a served level with the bare pipeline measured beside it,
+not with the table measured minutes earlier (this machine's speed drifts by as
+much as the targets' margins within a minute): at concurrency 1, served
+requests and bare calls in turn; at concurrency 16, bare batch 8 just before
+and just after it, the server idle meanwhile.
 
 Writes bench/results.json and bench/results.png (throughput and p95 latency
 against concurrency, the bare ceiling as a line) and rewrites the generated
@@ -83,23 +85,21 @@ class BarePipeline:
         self.pipeline, self.device = runner.pipeline, runner.placement.device
         self.size, self.steps, self.guidance = size, steps, guidance
 
-    def measure(self, batch: int, rounds: int) -> dict:
-        """Median images/s and latency of `rounds` calls of `batch` images, after one warm-up call."""
+    def call_s(self, batch: int) -> float:
+        """Seconds one call of `batch` images takes."""
         import torch
 
-        def call() -> None:
+        started = time.perf_counter()
+        with torch.inference_mode():
             self.pipeline(prompt=[f"a red circle {i}" for i in range(batch)], num_inference_steps=self.steps,
                           guidance_scale=self.guidance, width=self.size, height=self.size, output_type="pil",
                           generator=[torch.Generator(self.device).manual_seed(i) for i in range(batch)])
+        return time.perf_counter() - started
 
-        with torch.inference_mode():
-            call()  # warm-up
-            timings = []
-            for _ in range(rounds):
-                started = time.perf_counter()
-                call()
-                timings.append(time.perf_counter() - started)
-        median = statistics.median(timings)
+    def measure(self, batch: int, rounds: int) -> dict:
+        """Median images/s and latency of `rounds` calls of `batch` images, after one warm-up call."""
+        self.call_s(batch)
+        median = statistics.median(self.call_s(batch) for _ in range(rounds))
         return {"batch": batch, "images_per_s": batch / median, "latency_ms": median * 1000}
 
 
@@ -242,13 +242,31 @@ async def dashai_burst(url: str, concurrency: int, parameters: dict) -> dict:
             "stuck": len(pending), "all_json": refused_json}
 
 
+async def interleaved_single(url: str, seconds: float, body: dict, bare: BarePipeline) -> dict:
+    """Concurrency 1 against bare batch 1, one served request and one bare call in turn, so that
+    both see the machine at the same moment (the server idles while the bare call runs)."""
+    served_s, bare_s = [], []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
+        bare.call_s(1)  # warm-up
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            started = time.perf_counter()
+            response = await client.post("/v1/images/generations", json={**body, "seed": 900_000 + len(served_s)})
+            response.raise_for_status()
+            served_s.append(time.perf_counter() - started)
+            bare_s.append(bare.call_s(1))
+    return {"batch": 1, "how": f"interleaved, {len(served_s)} pairs", "served_images_per_s": len(served_s) / sum(served_s),
+            "bare_images_per_s": len(bare_s) / sum(bare_s)}
+
+
 def measure_server(config: Path, levels: list[int], seconds: float, body: dict, parameters: dict | None,
                    bare: BarePipeline | None = None, rounds: int = 10, **overrides) -> tuple[list[dict], dict | None]:
     """Served figures at each concurrency level; then, given `parameters`, the DashAI burst.
 
-    Given `bare`, each level a ratio is taken at (RATIOS) is flanked by the bare pipeline at the
-    batch it should fill, measured just before and just after it while the server idles: this
-    machine's speed drifts by about 10% within minutes, as much as the ratios' margins."""
+    Given `bare`, each level a ratio is taken at (RATIOS) also gets the bare pipeline beside it,
+    at the batch that level should fill: this machine's speed drifts by as much as the ratios'
+    margins within a minute. Concurrency 1 alternates served requests with bare calls; a
+    batched level is flanked by bare calls just before and just after it."""
     burst = None
     with tempfile.TemporaryDirectory(prefix="t2i-bench-") as folder:
         server = start_server(write_config(Path(folder), base=config, **overrides))
@@ -261,19 +279,22 @@ def measure_server(config: Path, levels: list[int], seconds: float, body: dict, 
             for concurrency in levels:
                 log(f"  concurrency {concurrency} for {seconds:.0f}s")
                 batch = RATIO_BATCH.get(concurrency) if bare else None
-                bare_before = bare.measure(batch, rounds) if batch else None
+                bare_before = bare.measure(batch, rounds)["images_per_s"] if batch and batch > 1 else None
                 before = batch_totals(server.url)
                 row = {"concurrency": concurrency, **asyncio.run(
                     closed_loop(server.url, concurrency, seconds, body, server.process.pid))}
                 after = batch_totals(server.url)
                 row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
+                if batch == 1:
+                    row["beside"] = asyncio.run(interleaved_single(server.url, seconds, body, bare))
+                elif batch:
+                    bare_after = bare.measure(batch, rounds)["images_per_s"]
+                    row["beside"] = {"batch": batch, "how": f"bare {bare_before:.2f} just before, {bare_after:.2f} after",
+                                     "served_images_per_s": row["images_per_s"],
+                                     "bare_images_per_s": (bare_before + bare_after) / 2}
                 if batch:
-                    bare_after = bare.measure(batch, rounds)
-                    row["bare_beside"] = {"batch": batch, "before": bare_before["images_per_s"],
-                                          "after": bare_after["images_per_s"],
-                                          "images_per_s": (bare_before["images_per_s"] + bare_after["images_per_s"]) / 2}
-                    log(f"  bare batch {batch} beside it: {bare_before['images_per_s']:.2f} before, "
-                        f"{bare_after['images_per_s']:.2f} after (images/s)")
+                    log(f"  beside it, bare batch {batch} ({row['beside']['how']}): served "
+                        f"{row['beside']['served_images_per_s']:.2f}, bare {row['beside']['bare_images_per_s']:.2f} images/s")
                 rows.append(row)
                 cpu = ", ".join(f"{role} {ms:.1f}" for role, ms in row["cpu_ms_per_image"].items())
                 log(f"  -> {row['images_per_s']:.1f} images/s, p50 {row['p50_ms']:.0f} ms, "
@@ -297,26 +318,29 @@ RATIO_BATCH = {level: batch for level, batch, _ in RATIOS}
 
 
 def overhead_ratios(bare: list[dict], served: list[dict]) -> list[dict]:
-    """Served images/s at a concurrency over bare images/s at the batch it should fill: the bare
-    figure measured beside that level where there is one, else the bare table's."""
+    """Served images/s at a concurrency over bare images/s at the batch it should fill: as measured
+    beside that level where it was, else against the bare table."""
     bare_by_batch = {row["batch"]: row for row in bare}
     served_by_level = {row["concurrency"]: row for row in served}
     ratios = []
     for level, batch, target in RATIOS:
         row = served_by_level.get(level)
-        beside = row.get("bare_beside") if row else None
-        reference = beside or bare_by_batch.get(batch)
-        if row and reference:
-            ratios.append({"concurrency": level, "batch": batch, "target": target,
-                           "ratio": row["images_per_s"] / reference["images_per_s"], "served": row["images_per_s"],
-                           "bare": reference["images_per_s"], "bare_measured": "beside" if beside else "table"})
+        if row and "beside" in row:
+            served_ips, bare_ips, how = (row["beside"]["served_images_per_s"], row["beside"]["bare_images_per_s"],
+                                         row["beside"]["how"])
+        elif row and batch in bare_by_batch:
+            served_ips, bare_ips, how = row["images_per_s"], bare_by_batch[batch]["images_per_s"], "bare table"
+        else:
+            continue
+        ratios.append({"concurrency": level, "batch": batch, "target": target, "ratio": served_ips / bare_ips,
+                       "served": served_ips, "bare": bare_ips, "how": how})
     return ratios
 
 
 def check_targets(bare: list[dict], served: list[dict], burst: dict) -> list[dict]:
     by_concurrency = {row["concurrency"]: row for row in served}
     targets = [{"target": f"images/s at concurrency {r['concurrency']} >= {r['target']:.2f} x bare batch {r['batch']}",
-                "value": f"{r['served']:.2f} / {r['bare']:.2f} = {r['ratio']:.3f}{beside_note(r, served)}",
+                "value": f"{r['served']:.2f} / {r['bare']:.2f} = {r['ratio']:.3f} ({r['how']})",
                 "met": r["ratio"] >= r["target"]}
                for r in overhead_ratios(bare, served)]
     if 16 in by_concurrency:
@@ -331,11 +355,6 @@ def check_targets(bare: list[dict], served: list[dict], burst: dict) -> list[dic
                     "value": f"{burst['accepted']} accepted, ended {burst['ended']}, stuck {burst['stuck']}",
                     "met": burst["stuck"] == 0 and burst["all_json"]})
     return targets
-
-
-def beside_note(ratio: dict, served: list[dict]) -> str:
-    beside = next((row.get("bare_beside") for row in served if row["concurrency"] == ratio["concurrency"]), None)
-    return f" (bare measured beside it: {beside['before']:.2f} before, {beside['after']:.2f} after)" if beside else ""
 
 
 def draw_chart(results: dict, path: Path) -> None:
@@ -426,7 +445,7 @@ def large_workload(large: dict | None) -> list[str]:
         *served_table(large["served"]),
         "",
         *(f"- concurrency {r['concurrency']} / bare batch {r['batch']}: {r['served']:.2f} / {r['bare']:.2f} = "
-          f"{r['ratio']:.3f}{beside_note(r, large['served'])}" for r in large["ratios"]),
+          f"{r['ratio']:.3f} ({r['how']})" for r in large["ratios"]),
     ]
 
 

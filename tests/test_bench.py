@@ -40,8 +40,10 @@ def test_bench_writes_results_chart_and_doc_section_and_ends_with_its_ratios(tmp
 
     # The run ends with its ratio (concurrency 1 over bare batch 1: no 16 here), and fails below 0.9.
     [ratio] = results["ratios"]
-    beside = results["served"][0]["bare_beside"]  # the bare pipeline measured just before and after that level
-    assert beside["batch"] == 1 and ratio["bare"] == beside["images_per_s"] > 0 and ratio["bare_measured"] == "beside"
+    beside = results["served"][0]["beside"]  # served requests and bare calls in turn
+    assert beside["batch"] == 1 and beside["how"].startswith("interleaved")
+    assert (ratio["served"], ratio["bare"]) == (beside["served_images_per_s"], beside["bare_images_per_s"])
+    assert ratio["bare"] > 0 and ratio["served"] > 0
     last = done.stdout.strip().splitlines()[-1]
     assert last.startswith("served concurrency 1 / bare batch 1: ") and f"{ratio['ratio']:.3f}" in last
     assert done.returncode == (1 if ratio["ratio"] < 0.9 else 0), done.stderr[-3000:]
