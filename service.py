@@ -147,7 +147,7 @@ class DiffusionClient:
 
     def __init__(self, service: Callable[[], Any], max_batch: int) -> None:
         self.service = service
-        self.calls = CallBatcher(self._generate, max_batch)
+        self.calls = CallBatcher(self._generate, max_batch, max_in_flight=1)  # why: t2i_task/model_calls.py
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request, in the next call to the model's batcher (t2i_task/model_calls.py)."""

@@ -92,3 +92,21 @@ async def test_a_caller_that_leaves_before_its_call_is_not_sent(model, batcher):
     model.release[1].set()
     assert await running == 2 and await staying == 6
     assert model.calls == [[1], [3]]
+
+
+@pytest.mark.anyio
+async def test_with_one_call_in_flight_the_next_takes_what_waited_when_the_running_one_ends(model):
+    batcher = CallBatcher(model.call, max_batch=8, max_in_flight=1)
+    first = asyncio.create_task(batcher.submit(0))
+    await settle()
+    rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 12)]
+    await settle()
+    assert model.calls == [[0]], "nothing queues at the model behind the running call"
+    model.release[0].set()
+    await settle()
+    assert model.calls == [[0], list(range(1, 9))]
+    model.release[1].set()
+    await settle()
+    assert model.calls[2] == list(range(9, 12))
+    model.release[2].set()
+    assert await first == 0 and [await task for task in rest] == [i * 2 for i in range(1, 12)]
