@@ -145,9 +145,9 @@ class DiffusionClient:
     BentoML's client between the two services (looked up at each call: BentoML sets it up
     after the API service is built)."""
 
-    def __init__(self, service: Callable[[], Any], max_batch: int) -> None:
+    def __init__(self, service: Callable[[], Any], max_batch: int, calls_in_flight: int) -> None:
         self.service = service
-        self.calls = CallBatcher(self._generate, max_batch, max_in_flight=1)  # why: t2i_task/model_calls.py
+        self.calls = CallBatcher(self._generate, max_batch, calls_in_flight)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request, in the next call to the model's batcher (t2i_task/model_calls.py)."""
@@ -209,7 +209,8 @@ class TextToImageService:
     def __init__(self) -> None:
         store = Store(settings.storage.database_url, settings.storage.images_dir)
         task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
-        self.queue = ProcessQueue(store, task, settings, DiffusionClient(lambda: self.diffusion, settings.batching.max_batch_size))
+        self.queue = ProcessQueue(store, task, settings, DiffusionClient(
+            lambda: self.diffusion, settings.batching.max_batch_size, settings.batching.calls_in_flight))
         self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None

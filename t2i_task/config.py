@@ -78,6 +78,10 @@ class RuntimeConfig(_Section):
 class BatchingConfig(_Section):
     max_batch_size: int = Field(default=8, gt=1, description="Most requests BentoML's adaptive batcher joins into one call.")
     max_latency_ms: int = Field(default=120_000, ge=1, description="Queue latency beyond which the batcher refuses work (503).")
+    calls_in_flight: int = Field(
+        default=1, ge=1, le=2, description="Calls the API sends the model at once: 2 queues the next batch behind the "
+        "running one (BentoML's dispatcher then polls every millisecond; t2i_task/model_calls.py)."
+    )
 
 
 class ServingConfig(_Section):

@@ -8,7 +8,7 @@ on 2 cores (docs/benchmarks.md). So a request is sent at once when the model is 
 while a call runs, requests wait here, and go as the next call when the running call
 ends. With `max_in_flight=2`, a full batch that has gathered goes at once instead and
 queues at the model, which starts it the moment the running call ends; the server
-keeps one call in flight, because BentoML's dispatcher polls every millisecond while a
+keeps one call in flight by default (`batching.calls_in_flight`), because BentoML's dispatcher polls every millisecond while a
 call waits at it (its `TICKET_INTERVAL`), and that polling took about 2% of the
 throughput at concurrency 16 from the pipeline's share of the GIL, more than the
 gap between two calls costs.

@@ -429,7 +429,10 @@ def test_the_batchers_own_refusal_reaches_clients_as_json_503(tiny_model_path, f
     # With a cost figure the scheduler would never let work queue there (nor accept any:
     # nothing finishes in 1 ms); an uncalibrated model is handed work by count only.
     gate = Gate(folder)
-    config = write_config(folder, tiny_model_path, batching={"max_latency_ms": 1}, model={"cost": None})
+    # Two calls in flight, so that one queues at BentoML's batcher behind the running one (as
+    # calls from several API workers, or from other clients of the model service, would).
+    config = write_config(folder, tiny_model_path, batching={"max_latency_ms": 1, "calls_in_flight": 2},
+                          model={"cost": None})
     server = start_server(config, env=gate.env())
     try:
         def generate(i):
