@@ -7,11 +7,11 @@ pipeline's: at concurrency 16 the per-request calls cost about 9% of the through
 on 2 cores (docs/benchmarks.md). So a request is sent at once when the model is idle;
 while a call runs, requests wait here, and go as the next call when the running call
 ends. With `max_in_flight=2`, a full batch that has gathered goes at once instead and
-queues at the model, which starts it the moment the running call ends; the server
-keeps one call in flight by default (`batching.calls_in_flight`), because BentoML's dispatcher polls every millisecond while a
-call waits at it (its `TICKET_INTERVAL`), and that polling took about 2% of the
-throughput at concurrency 16 from the pipeline's share of the GIL, more than the
-gap between two calls costs.
+queues at the model, which starts it the moment the running call ends. The server
+keeps one call in flight by default (`batching.calls_in_flight`): BentoML's
+dispatcher polls every millisecond while a call waits at it (its `TICKET_INTERVAL`),
+and that polling took about 2% of the throughput at concurrency 16 from the
+pipeline's share of the GIL, more than the gap between two calls costs.
 """
 
 from __future__ import annotations

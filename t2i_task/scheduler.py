@@ -63,9 +63,12 @@ class ModelScheduler:
     def has_room(self, cost_s: float, priority: Priority) -> bool:
         """Whether `slot` would hand this work over at once (nothing of its priority or a higher
         one waits, and it fits)."""
-        if any(w.priority <= priority for w in self._waiting) or self.at_model >= self.max_at_model:
-            return False
-        return self.at_model_s + cost_s <= self.budget_s or self.at_model == 0
+        return not any(w.priority <= priority for w in self._waiting) and self._has_room_for(cost_s)
+
+    def _has_room_for(self, cost_s: float) -> bool:
+        # Work larger than the whole budget (stored before the limits changed) runs alone.
+        fits = self.at_model_s + cost_s <= self.budget_s or self.at_model == 0
+        return fits and self.at_model < self.max_at_model
 
     @asynccontextmanager
     async def slot(self, cost_s: float, priority: Priority) -> AsyncIterator[None]:
@@ -101,9 +104,7 @@ class ModelScheduler:
             if head.granted.cancelled():  # its task is unwinding; it holds nothing
                 self._waiting.pop(0)
                 continue
-            # Work larger than the whole budget (stored before the limits changed) runs alone.
-            fits = self.at_model_s + head.cost_s <= self.budget_s or self.at_model == 0
-            if not fits or self.at_model >= self.max_at_model:
+            if not self._has_room_for(head.cost_s):
                 return
             self._waiting.pop(0)
             self.at_model_s += head.cost_s

@@ -383,8 +383,8 @@ class Store:
                 log.warning("could not remove image %s: %s", path, exc)
 
     @staticmethod
-    def _load_process(db: Session, process_id: int, for_update: bool = False) -> GenerativeProcess:
-        process = db.get(GenerativeProcess, process_id, with_for_update=for_update)
+    def _load_process(db: Session, process_id: int) -> GenerativeProcess:
+        process = db.get(GenerativeProcess, process_id)
         if process is None:
             raise ProcessNotFound(process_id)
         return process
