@@ -19,9 +19,10 @@ At the served model's defaults (configuration.yaml's `defaults`: size, steps, gu
 
 The ratios compare a served level with the bare pipeline measured beside it,
 not with the table measured minutes earlier (this machine's speed drifts by as
-much as the targets' margins within a minute): at concurrency 1, served
-requests and bare calls in turn; at concurrency 16, bare batch 8 just before
-and just after it, the server idle meanwhile.
+much as the targets' margins within a minute): after the level, a second run
+of it in four turns of the clients for 5 s each, with bare calls at the batch
+the level should fill between them (batch 1 at concurrency 1, 8 at 16), the
+server idle meanwhile.
 
 Writes bench/results.json and bench/results.png (throughput and p95 latency
 against concurrency, the bare ceiling as a line) and rewrites the generated
@@ -43,6 +44,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -149,61 +151,78 @@ def server_memory_mb(pid: int) -> float:
         return 0.0
 
 
+async def run_clients(client: httpx.AsyncClient, concurrency: int, seconds: float, body: dict,
+                      answered: Callable[[httpx.Response, float], None]) -> float:
+    """`concurrency` clients, each sending its next request when the last is answered, until
+    `seconds` have passed; `answered(response, seconds it took)` sees each answer. Returns the
+    wall time until the last answer."""
+    deadline = time.monotonic() + seconds
+
+    async def user(index: int) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            n += 1
+            started = time.perf_counter()
+            response = await client.post("/v1/images/generations", json={**body, "seed": index * 100_000 + n})
+            answered(response, time.perf_counter() - started)
+            if response.status_code != 200:
+                await asyncio.sleep(0.05)  # a refused client backs off a little, as real ones do
+
+    wall = time.perf_counter()
+    await asyncio.gather(*(user(i) for i in range(concurrency)))
+    return time.perf_counter() - wall
+
+
+def client_limits(concurrency: int) -> httpx.Limits:
+    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+
+
 async def closed_loop(url: str, concurrency: int, seconds: float, body: dict, server_pid: int) -> dict:
-    """`concurrency` clients, each sending its next request when the last is answered."""
+    """`concurrency` closed-loop clients for `seconds`: throughput, latency, answers, memory and CPU."""
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     non_json_errors = 0
     peak_memory = server_memory_mb(server_pid)
-    deadline = time.monotonic() + seconds
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     roles = server_roles(server_pid)
     cpu_before = cpu_seconds(roles)
 
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        async def user(index: int) -> None:
-            nonlocal non_json_errors
-            n = 0
-            while time.monotonic() < deadline:
-                n += 1
-                started = time.perf_counter()
-                response = await client.post("/v1/images/generations", json={**body, "seed": index * 100_000 + n})
-                elapsed = time.perf_counter() - started
-                statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-                if response.status_code == 200:
-                    latencies.append(elapsed)
-                else:
-                    try:
-                        response.json()
-                    except ValueError:
-                        non_json_errors += 1
-                    await asyncio.sleep(0.05)  # a refused client backs off a little, as real ones do
+    def answered(response: httpx.Response, elapsed: float) -> None:
+        nonlocal non_json_errors
+        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        if response.status_code == 200:
+            latencies.append(elapsed)
+            return
+        try:
+            response.json()
+        except ValueError:
+            non_json_errors += 1
 
-        async def watch() -> None:
-            nonlocal peak_memory
-            started = time.monotonic()
-            while time.monotonic() < deadline:
-                await asyncio.sleep(1)
-                peak_memory = max(peak_memory, server_memory_mb(server_pid))
-                done = sum(statuses.values())
-                log(f"    {time.monotonic() - started:4.0f}s: {done} answers")
+    async def watch(load: asyncio.Task) -> None:
+        nonlocal peak_memory
+        started = time.monotonic()
+        while not load.done():
+            await asyncio.sleep(1)
+            peak_memory = max(peak_memory, server_memory_mb(server_pid))
+            log(f"    {time.monotonic() - started:4.0f}s: {sum(statuses.values())} answers")
 
-        wall = time.perf_counter()
-        await asyncio.gather(watch(), *(user(i) for i in range(concurrency)))
-        wall = time.perf_counter() - wall
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
+        load = asyncio.ensure_future(run_clients(client, concurrency, seconds, body, answered))
+        watcher = asyncio.ensure_future(watch(load))
+        wall = await load
+        watcher.cancel()
 
-    answered = sum(statuses.values())
+    answered_count = sum(statuses.values())
     images = max(1, len(latencies) * body["n"])
     cpu_after = cpu_seconds(roles)
     return {
         "cpu_ms_per_image": {role: 1000 * (cpu_after[role] - cpu_before[role]) / images for role in roles},
-        "requests": answered,
+        "requests": answered_count,
         "images_per_s": len(latencies) * body["n"] / wall,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p95_ms": percentile(latencies, 95) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
         "statuses": {str(code): count for code, count in sorted(statuses.items())},
-        "share_429_503": (statuses.get(429, 0) + statuses.get(503, 0)) / answered if answered else 0.0,
+        "share_429_503": (statuses.get(429, 0) + statuses.get(503, 0)) / answered_count if answered_count else 0.0,
         "server_errors": sum(count for code, count in statuses.items() if code >= 500 and code != 503),
         "non_json_errors": non_json_errors,
         "peak_memory_mb": peak_memory,
@@ -242,31 +261,41 @@ async def dashai_burst(url: str, concurrency: int, parameters: dict) -> dict:
             "stuck": len(pending), "all_json": refused_json}
 
 
-async def interleaved_single(url: str, seconds: float, body: dict, bare: BarePipeline) -> dict:
-    """Concurrency 1 against bare batch 1, one served request and one bare call in turn, so that
-    both see the machine at the same moment (the server idles while the bare call runs)."""
-    served_s, bare_s = [], []
-    async with httpx.AsyncClient(base_url=url, timeout=600) as client:
-        bare.call_s(1)  # warm-up
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            started = time.perf_counter()
-            response = await client.post("/v1/images/generations", json={**body, "seed": 900_000 + len(served_s)})
-            response.raise_for_status()
-            served_s.append(time.perf_counter() - started)
-            bare_s.append(bare.call_s(1))
-    return {"batch": 1, "how": f"interleaved, {len(served_s)} pairs", "served_images_per_s": len(served_s) / sum(served_s),
-            "bare_images_per_s": len(bare_s) / sum(bare_s)}
+async def interleaved(url: str, concurrency: int, seconds: float, body: dict, bare: BarePipeline, batch: int,
+                      turns: int = 4) -> dict:
+    """A served concurrency against bare `batch`, in `turns` turns: the clients for a share of
+    `seconds`, then bare calls for about half as long (the server idle meanwhile), so that both see
+    the machine at the same moments. Turns of seconds rather than single calls: one served request
+    in turn with one bare call ran both slower than either runs alone, the served one most (on two
+    cores, 2026-12-03: served 286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against
+    210 ms), as if each found its caches cold after the other; a turn pays that once."""
+    served_images, served_s, bare_images, bare_s = 0, 0.0, 0, 0.0
+    by_turn = []
+    bare.call_s(batch)  # warm-up
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
+        for _ in range(turns):
+            answers: list[httpx.Response] = []
+            wall = await run_clients(client, concurrency, seconds / turns, body, lambda r, _: answers.append(r))
+            images = body["n"] * sum(r.status_code == 200 for r in answers)
+            turn_bare_s, turn_bare_images = 0.0, 0
+            while turn_bare_s < wall / 2 or not turn_bare_images:
+                turn_bare_s += bare.call_s(batch)
+                turn_bare_images += batch
+            by_turn.append({"served_images_per_s": images / wall, "bare_images_per_s": turn_bare_images / turn_bare_s})
+            served_images, served_s = served_images + images, served_s + wall
+            bare_images, bare_s = bare_images + turn_bare_images, bare_s + turn_bare_s
+    return {"batch": batch, "how": f"interleaved, {turns} turns", "served_images_per_s": served_images / served_s,
+            "bare_images_per_s": bare_images / bare_s, "turns": by_turn}
 
 
 def measure_server(config: Path, levels: list[int], seconds: float, body: dict, parameters: dict | None,
-                   bare: BarePipeline | None = None, rounds: int = 10, **overrides) -> tuple[list[dict], dict | None]:
+                   bare: BarePipeline | None = None, **overrides) -> tuple[list[dict], dict | None]:
     """Served figures at each concurrency level; then, given `parameters`, the DashAI burst.
 
     Given `bare`, each level a ratio is taken at (RATIOS) also gets the bare pipeline beside it,
     at the batch that level should fill: this machine's speed drifts by as much as the ratios'
-    margins within a minute. Concurrency 1 alternates served requests with bare calls; a
-    batched level is flanked by bare calls just before and just after it."""
+    margins within a minute. After such a level, a second run of it takes turns with bare calls
+    (`interleaved`)."""
     burst = None
     with tempfile.TemporaryDirectory(prefix="t2i-bench-") as folder:
         server = start_server(write_config(Path(folder), base=config, **overrides))
@@ -279,19 +308,13 @@ def measure_server(config: Path, levels: list[int], seconds: float, body: dict, 
             for concurrency in levels:
                 log(f"  concurrency {concurrency} for {seconds:.0f}s")
                 batch = RATIO_BATCH.get(concurrency) if bare else None
-                bare_before = bare.measure(batch, rounds)["images_per_s"] if batch and batch > 1 else None
                 before = batch_totals(server.url)
                 row = {"concurrency": concurrency, **asyncio.run(
                     closed_loop(server.url, concurrency, seconds, body, server.process.pid))}
                 after = batch_totals(server.url)
                 row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
-                if batch == 1:
-                    row["beside"] = asyncio.run(interleaved_single(server.url, seconds, body, bare))
-                elif batch:
-                    bare_after = bare.measure(batch, rounds)["images_per_s"]
-                    row["beside"] = {"batch": batch, "how": f"bare {bare_before:.2f} just before, {bare_after:.2f} after",
-                                     "served_images_per_s": row["images_per_s"],
-                                     "bare_images_per_s": (bare_before + bare_after) / 2}
+                if batch:
+                    row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds, body, bare, batch))
                 if batch:
                     log(f"  beside it, bare batch {batch} ({row['beside']['how']}): served "
                         f"{row['beside']['served_images_per_s']:.2f}, bare {row['beside']['bare_images_per_s']:.2f} images/s")
@@ -492,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"[2/3] server under load at concurrency {args.concurrency}")
     parameters = {"width": size, "height": size, "num_inference_steps": steps, "guidance_scale": guidance}
     served, burst = measure_server(config, args.concurrency, args.seconds, request_body(size, steps, guidance),
-                                   parameters, pipeline, args.rounds, **drawn_at(settings.model.sizes, size))
+                                   parameters, pipeline, **drawn_at(settings.model.sizes, size))
 
     large = None
     if args.large_size:
@@ -502,7 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         big_rounds = max(2, args.rounds // 3)
         big_bare = measure_bare_pipeline(big_pipeline, [1, 8], big_rounds)
         big_served, _ = measure_server(config, [1, 16], args.seconds, request_body(big, steps, guidance), None,
-                                       big_pipeline, big_rounds, **drawn_at(settings.model.sizes, big))
+                                       big_pipeline, **drawn_at(settings.model.sizes, big))
         large = {"size": big, "bare": big_bare, "served": big_served, "ratios": overhead_ratios(big_bare, big_served)}
 
     results = {
