@@ -22,10 +22,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any
 
 import aiohttp
 import bentoml
+from bentoml.validators import ContentType
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from PIL import Image
@@ -58,6 +59,11 @@ MODEL_BATCH_SIZE = bentoml.metrics.Histogram(
     documentation="Generation requests in each call of the model's generate (one batch of pipeline calls)",
     buckets=[1, 2, 4, 8, 16, 32, 64],
 )
+
+
+# BentoML works out an answer's media type from its type's JSON schema at every answer (0.9 ms
+# for `generate`'s, on a request's path) unless the type names it.
+JSON = ContentType("application/json")
 
 
 class GeneratedImages(BaseModel):
@@ -118,17 +124,17 @@ class DiffusionService:
         max_batch_size=settings.batching.max_batch_size,
         max_latency_ms=settings.batching.max_latency_ms,
     )
-    def generate(self, requests: list[GenerationRequest]) -> list[GeneratedImages]:
+    def generate(self, requests: list[GenerationRequest]) -> Annotated[list[GeneratedImages], JSON]:
         MODEL_BATCH_SIZE.observe(len(requests))
         return [GeneratedImages.of(request, result) for request, result in zip(requests, self.runner.generate(requests))]
 
     @bentoml.api
-    async def progress(self) -> dict[str, list[int]]:
+    async def progress(self) -> Annotated[dict[str, list[int]], JSON]:
         """(steps done, steps in all, partial images decoded) of each job in the running call, by job id."""
         return {str(job): [*steps, len(self.runner.previews(job))] for job, steps in self.runner.progress().items()}
 
     @bentoml.api
-    async def previews(self, job: int, since: int = 0) -> list[bytes]:
+    async def previews(self, job: int, since: int = 0) -> Annotated[list[bytes], JSON]:
         """A running job's partial images from the `since`-th on, as raw RGB of its size."""
         return raw(self.runner.previews(job, since))
 
