@@ -269,23 +269,25 @@ async def interleaved(url: str, concurrency: int, seconds: float, body: dict, ba
     in turn with one bare call ran both slower than either runs alone, the served one most (on two
     cores, 2026-12-03: served 286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against
     210 ms), as if each found its caches cold after the other; a turn pays that once."""
-    served_images, served_s, bare_images, bare_s = 0, 0.0, 0, 0.0
-    by_turn = []
+    served, bare_calls = [], []  # (images, seconds) of each turn
     bare.call_s(batch)  # warm-up
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
         for _ in range(turns):
             answers: list[httpx.Response] = []
             wall = await run_clients(client, concurrency, seconds / turns, body, lambda r, _: answers.append(r))
-            images = body["n"] * sum(r.status_code == 200 for r in answers)
-            turn_bare_s, turn_bare_images = 0.0, 0
-            while turn_bare_s < wall / 2 or not turn_bare_images:
-                turn_bare_s += bare.call_s(batch)
-                turn_bare_images += batch
-            by_turn.append({"served_images_per_s": images / wall, "bare_images_per_s": turn_bare_images / turn_bare_s})
-            served_images, served_s = served_images + images, served_s + wall
-            bare_images, bare_s = bare_images + turn_bare_images, bare_s + turn_bare_s
-    return {"batch": batch, "how": f"interleaved, {turns} turns", "served_images_per_s": served_images / served_s,
-            "bare_images_per_s": bare_images / bare_s, "turns": by_turn}
+            served.append((body["n"] * sum(r.status_code == 200 for r in answers), wall))
+            calls = [bare.call_s(batch)]
+            while sum(calls) < wall / 2:
+                calls.append(bare.call_s(batch))
+            bare_calls.append((batch * len(calls), sum(calls)))
+
+    def rate(figures: list[tuple[int, float]]) -> float:
+        return sum(images for images, _ in figures) / sum(s for _, s in figures)
+
+    return {"batch": batch, "how": f"interleaved, {turns} turns", "served_images_per_s": rate(served),
+            "bare_images_per_s": rate(bare_calls),
+            "turns": [{"served_images_per_s": rate([s]), "bare_images_per_s": rate([b])}
+                      for s, b in zip(served, bare_calls)]}
 
 
 def measure_server(config: Path, levels: list[int], seconds: float, body: dict, parameters: dict | None,
@@ -315,7 +317,6 @@ def measure_server(config: Path, levels: list[int], seconds: float, body: dict, 
                 row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 if batch:
                     row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds, body, bare, batch))
-                if batch:
                     log(f"  beside it, bare batch {batch} ({row['beside']['how']}): served "
                         f"{row['beside']['served_images_per_s']:.2f}, bare {row['beside']['bare_images_per_s']:.2f} images/s")
                 rows.append(row)
