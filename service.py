@@ -105,9 +105,11 @@ def raw(images: list[Image.Image]) -> list[bytes]:
     # in flight: they fail, and the model still runs them (bentoml/BentoML#5698).
     # A local socket to one worker needs no renewal.
     runner_connection={"max_requests": 2**31 - 1, "max_age": 10.0**9},
-    # Only the API service calls this one, several times a request: the API's access log
-    # records each request once.
+    # Only the API service calls this one, several times a request: the API's access log and
+    # its traces record each request once. (OpenTelemetry's middleware otherwise opens a span
+    # for every call here, in the worker whose GIL the pipeline needs.)
     logging={"access": {"enabled": False}},
+    tracing={"excluded_urls": "/generate,/progress,/previews,/cancel"},
 )
 class DiffusionService:
     def __init__(self) -> None:

@@ -21,8 +21,9 @@ The ratios compare a served level with the bare pipeline measured beside it,
 not with the table measured minutes earlier (this machine's speed drifts by as
 much as the targets' margins within a minute): after the level, a second run
 of it in four turns of the clients for 5 s each, with bare calls at the batch
-the level should fill between them (batch 1 at concurrency 1, 8 at 16), the
-server idle meanwhile.
+the level should fill beside each turn (batch 1 at concurrency 1, 8 at 16), the
+server idle meanwhile, the model worker and the bare pipeline on the same cores
+(bench/beside.py).
 
 Writes bench/results.json and bench/results.png (throughput and p95 latency
 against concurrency, the bare ceiling as a line) and rewrites the generated
@@ -39,12 +40,10 @@ import argparse
 import asyncio
 import json
 import platform
-import re
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -55,23 +54,14 @@ from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings
 from t2i_task.local_server import PROJECT_ROOT, start_server, write_config
 from t2i_task.sizes import DrawnSizes
 
+sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling modules
+from beside import SameCores, interleaved  # noqa: E402
+from load import batch_totals, closed_loop, dashai_burst, log  # noqa: E402
+
 RESULTS = PROJECT_ROOT / "bench" / "results.json"
 CHART = PROJECT_ROOT / "bench" / "results.png"
 DOC = PROJECT_ROOT / "docs" / "benchmarks.md"
 DOC_START, DOC_END = "<!-- make bench: start -->", "<!-- make bench: end -->"
-BATCH_METRIC = re.compile(
-    r'^t2i_model_batch_size_(sum|count)(?:\{[^}]*\})? (\S+)$', re.MULTILINE
-)
-
-
-def log(message: str) -> None:
-    print(message, flush=True)
-
-
-def percentile(values: list[float], q: int) -> float:
-    if len(values) < 2:
-        return values[0] if values else float("nan")
-    return statistics.quantiles(values, n=100, method="inclusive")[q - 1]
 
 
 # 1. The bare pipeline
@@ -81,10 +71,13 @@ class BarePipeline:
     """The configured model's pipeline, called directly: the ceiling the server can reach."""
 
     def __init__(self, model_path: str, runtime, size: int, steps: int, guidance: float) -> None:
+        import torch
+
         from t2i_task.runner import DiffusionRunner
 
         runner = DiffusionRunner(model_path, runtime)  # same loading, placement and threads as the server's
         self.pipeline, self.device = runner.pipeline, runner.placement.device
+        self.threads = torch.get_num_threads()  # as the runner set them
         self.size, self.steps, self.guidance = size, steps, guidance
 
     def call_s(self, batch: int) -> float:
@@ -114,180 +107,7 @@ def measure_bare_pipeline(bare: BarePipeline, batches: list[int], rounds: int) -
     return rows
 
 
-# 2. The server under load
-
-
-def batch_totals(url: str) -> tuple[float, float]:
-    totals = {kind: float(value) for kind, value in BATCH_METRIC.findall(httpx.get(f"{url}/metrics").text)}
-    return totals.get("sum", 0.0), totals.get("count", 0.0)
-
-
-def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
-    """CPU seconds (user + system) each process has used so far."""
-    used = {}
-    for role, process in processes.items():
-        try:
-            times = process.cpu_times()
-            used[role] = times.user + times.system
-        except psutil.Error:
-            used[role] = 0.0
-    return used
-
-
-def server_roles(server_pid: int) -> dict[str, psutil.Process]:
-    """The server's worker processes by role, and this load generator."""
-    roles = {"load generator": psutil.Process()}
-    for child in psutil.Process(server_pid).children(recursive=True):
-        command = " ".join(child.cmdline())
-        roles["model worker" if "t2i-diffusion" in command else "API worker"] = child
-    return roles
-
-
-def server_memory_mb(pid: int) -> float:
-    try:
-        root = psutil.Process(pid)
-        return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)]) / 2**20
-    except psutil.Error:
-        return 0.0
-
-
-async def run_clients(client: httpx.AsyncClient, concurrency: int, seconds: float, body: dict,
-                      answered: Callable[[httpx.Response, float], None]) -> float:
-    """`concurrency` clients, each sending its next request when the last is answered, until
-    `seconds` have passed; `answered(response, seconds it took)` sees each answer. Returns the
-    wall time until the last answer."""
-    deadline = time.monotonic() + seconds
-
-    async def user(index: int) -> None:
-        n = 0
-        while time.monotonic() < deadline:
-            n += 1
-            started = time.perf_counter()
-            response = await client.post("/v1/images/generations", json={**body, "seed": index * 100_000 + n})
-            answered(response, time.perf_counter() - started)
-            if response.status_code != 200:
-                await asyncio.sleep(0.05)  # a refused client backs off a little, as real ones do
-
-    wall = time.perf_counter()
-    await asyncio.gather(*(user(i) for i in range(concurrency)))
-    return time.perf_counter() - wall
-
-
-def client_limits(concurrency: int) -> httpx.Limits:
-    return httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-
-
-async def closed_loop(url: str, concurrency: int, seconds: float, body: dict, server_pid: int) -> dict:
-    """`concurrency` closed-loop clients for `seconds`: throughput, latency, answers, memory and CPU."""
-    latencies: list[float] = []
-    statuses: dict[int, int] = {}
-    non_json_errors = 0
-    peak_memory = server_memory_mb(server_pid)
-    roles = server_roles(server_pid)
-    cpu_before = cpu_seconds(roles)
-
-    def answered(response: httpx.Response, elapsed: float) -> None:
-        nonlocal non_json_errors
-        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
-        if response.status_code == 200:
-            latencies.append(elapsed)
-            return
-        try:
-            response.json()
-        except ValueError:
-            non_json_errors += 1
-
-    async def watch(load: asyncio.Task) -> None:
-        nonlocal peak_memory
-        started = time.monotonic()
-        while not load.done():
-            await asyncio.sleep(1)
-            peak_memory = max(peak_memory, server_memory_mb(server_pid))
-            log(f"    {time.monotonic() - started:4.0f}s: {sum(statuses.values())} answers")
-
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
-        load = asyncio.ensure_future(run_clients(client, concurrency, seconds, body, answered))
-        watcher = asyncio.ensure_future(watch(load))
-        wall = await load
-        watcher.cancel()
-
-    answered_count = sum(statuses.values())
-    images = max(1, len(latencies) * body["n"])
-    cpu_after = cpu_seconds(roles)
-    return {
-        "cpu_ms_per_image": {role: 1000 * (cpu_after[role] - cpu_before[role]) / images for role in roles},
-        "requests": answered_count,
-        "images_per_s": len(latencies) * body["n"] / wall,
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p95_ms": percentile(latencies, 95) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-        "statuses": {str(code): count for code, count in sorted(statuses.items())},
-        "share_429_503": (statuses.get(429, 0) + statuses.get(503, 0)) / answered_count if answered_count else 0.0,
-        "server_errors": sum(count for code, count in statuses.items() if code >= 500 and code != 503),
-        "non_json_errors": non_json_errors,
-        "peak_memory_mb": peak_memory,
-    }
-
-
-async def dashai_burst(url: str, concurrency: int, parameters: dict) -> dict:
-    """`concurrency` DashAI processes at once; every accepted one must end."""
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=limits) as client:
-        session = await client.post("/api/v1/generative-session/", json={
-            "task_name": "TextToImageGenerationTask", "name": f"bench-{time.time_ns()}", "parameters": parameters,
-        })
-        session.raise_for_status()
-        answers = await asyncio.gather(*(
-            client.post("/api/v1/generative-process/", json={"session_id": session.json()["id"], "input": [f"p{i}"]})
-            for i in range(concurrency)
-        ))
-        accepted = [a.json()["id"] for a in answers if a.status_code == 201]
-        refused_json = all(a.headers.get("content-type", "").startswith("application/json") for a in answers)
-        ended: dict[str, int] = {}
-        deadline = time.monotonic() + 600
-        pending = set(accepted)
-        while pending and time.monotonic() < deadline:
-            for process_id in list(pending):
-                status = (await client.get(f"/api/v1/generative-process/{process_id}")).json()["status"]
-                if status in (3, 4):
-                    pending.discard(process_id)
-                    name = {3: "FINISHED", 4: "ERROR"}[status]
-                    ended[name] = ended.get(name, 0) + 1
-            await asyncio.sleep(0.2)
-    statuses: dict[str, int] = {}
-    for answer in answers:
-        statuses[str(answer.status_code)] = statuses.get(str(answer.status_code), 0) + 1
-    return {"sent": concurrency, "statuses": statuses, "accepted": len(accepted), "ended": ended,
-            "stuck": len(pending), "all_json": refused_json}
-
-
-async def interleaved(url: str, concurrency: int, seconds: float, body: dict, bare: BarePipeline, batch: int,
-                      turns: int = 4) -> dict:
-    """A served concurrency against bare `batch`, in `turns` turns: the clients for a share of
-    `seconds`, then bare calls for about half as long (the server idle meanwhile), so that both see
-    the machine at the same moments. Turns of seconds rather than single calls: one served request
-    in turn with one bare call ran both slower than either runs alone, the served one most (on two
-    cores, 2026-12-03: served 286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against
-    210 ms), as if each found its caches cold after the other; a turn pays that once."""
-    served, bare_calls = [], []  # (images, seconds) of each turn
-    bare.call_s(batch)  # warm-up
-    async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
-        for _ in range(turns):
-            answers: list[httpx.Response] = []
-            wall = await run_clients(client, concurrency, seconds / turns, body, lambda r, _: answers.append(r))
-            served.append((body["n"] * sum(r.status_code == 200 for r in answers), wall))
-            calls = [bare.call_s(batch)]
-            while sum(calls) < wall / 2:
-                calls.append(bare.call_s(batch))
-            bare_calls.append((batch * len(calls), sum(calls)))
-
-    def rate(figures: list[tuple[int, float]]) -> float:
-        return sum(images for images, _ in figures) / sum(s for _, s in figures)
-
-    return {"batch": batch, "how": f"interleaved, {turns} turns", "served_images_per_s": rate(served),
-            "bare_images_per_s": rate(bare_calls),
-            "turns": [{"served_images_per_s": rate([s]), "bare_images_per_s": rate([b])}
-                      for s, b in zip(served, bare_calls)]}
+# 2. The server under load (load.py), its ratios taken beside the bare pipeline (beside.py)
 
 
 def measure_server(config: Path, levels: list[int], seconds: float, body: dict, parameters: dict | None,
@@ -316,7 +136,9 @@ def measure_server(config: Path, levels: list[int], seconds: float, body: dict, 
                 after = batch_totals(server.url)
                 row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 if batch:
-                    row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds, body, bare, batch))
+                    with SameCores(server.process.pid, bare.threads) as cores:
+                        row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds, body, bare, batch,
+                                                                cores))
                     log(f"  beside it, bare batch {batch} ({row['beside']['how']}): served "
                         f"{row['beside']['served_images_per_s']:.2f}, bare {row['beside']['bare_images_per_s']:.2f} images/s")
                 rows.append(row)

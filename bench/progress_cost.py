@@ -23,7 +23,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).parent))
-from benchmark import closed_loop, log  # noqa: E402
+from load import closed_loop, log  # noqa: E402
 
 from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings  # noqa: E402
 from t2i_task.local_server import PROJECT_ROOT, start_server, write_config  # noqa: E402

@@ -57,6 +57,18 @@ def test_bench_writes_results_chart_and_doc_section_and_ends_with_its_ratios(tmp
     assert "old" not in text and "kept" in text and "tail" in text and "| bare pipeline batch |" in text
 
 
+def test_the_served_rate_of_a_turn_leaves_out_each_clients_first_answer():
+    """The turn's start (one request alone at an idle model, the rest waiting behind it) does not
+    count against the server; from each client's first answer on, every answer does."""
+    sys.path.insert(0, str(PROJECT_ROOT / "bench"))  # as the bench scripts run
+    from beside import steady
+
+    # Client 0 was answered first, alone, then every second; client 1 every second from 2.5 s.
+    images, seconds = steady({0: [0.2, 1.2, 2.2, 3.2], 1: [2.5, 3.5], 2: [3.0]}, images_per_answer=2)
+    assert images == 2 * (3 + 1)  # client 2's only answer says nothing of a rate
+    assert abs(images / seconds - 2 * (1.0 + 1.0)) < 1e-9  # images/s: two clients answered once a second
+
+
 def test_locustfile_runs_both_user_kinds_without_failures(server, tmp_path):
     done = subprocess.run(
         [str(LOCUST), "-f", "loadtest/locustfile.py", "--headless", "--host", server.url, "-u", "4", "-r", "4",

@@ -1,0 +1,119 @@
+"""The serving-overhead ratios' measurement: a served concurrency in turns with bare pipeline
+calls at the batch it should fill, the model worker and the bare pipeline on the same cores."""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING
+
+import httpx
+import psutil
+
+from load import client_limits, run_clients, server_roles
+
+if TYPE_CHECKING:
+    from benchmark import BarePipeline
+
+
+class SameCores:
+    """The model worker and the bare pipeline on the same cores while a ratio is taken, the API
+    worker and the clients on the others: this VM's two cores differ in speed by 10-20%, and which
+    is faster changes within minutes (a pure-Python loop on each in turn, 2026-12-03: 318 and 267
+    ms, then 189 and 311 ms), so a bare pipeline on one core against a model on the other measured
+    the cores, not the server (the model's own call 261 ms against bare 233 ms, the next minute
+    249 against 244). The model gets as many cores as the bare pipeline has torch threads."""
+
+    def __init__(self, server_pid: int, threads: int) -> None:
+        cores = sorted(os.sched_getaffinity(0))
+        self.all = set(cores)
+        self.model = set(cores[-min(threads, len(cores) - 1):]) if len(cores) > 1 else self.all
+        self.rest = self.all - self.model or self.all
+        roles = server_roles(server_pid)
+        self.workers = {roles["model worker"]: self.model, roles["API worker"]: self.rest}
+
+    def __enter__(self) -> SameCores:
+        for process, cores in self.workers.items():
+            self._pin(process, cores)
+        return self
+
+    def __exit__(self, *_) -> None:
+        for process in self.workers:
+            self._pin(process, self.all)
+        os.sched_setaffinity(0, self.all)
+
+    def clients(self) -> None:
+        os.sched_setaffinity(0, self.rest)  # this thread: the clients' event loop
+
+    def bare(self) -> None:
+        os.sched_setaffinity(0, self.model)  # this thread: the bare pipeline's calls
+
+    @staticmethod
+    def _pin(process: psutil.Process, cores: set[int]) -> None:
+        for thread in process.threads():  # every thread: the pipeline runs in a worker thread
+            try:
+                os.sched_setaffinity(thread.id, cores)
+            except OSError:  # the thread has ended
+                pass
+
+
+async def interleaved(url: str, concurrency: int, seconds: float, body: dict, bare: BarePipeline, batch: int,
+                      cores: SameCores, turns: int = 4) -> dict:
+    """A served concurrency against bare `batch`, in `turns` turns: the clients for a share of
+    `seconds`, and bare calls for about half as long (the server idle meanwhile), so that both see
+    the machine at the same moments; odd turns run the bare calls first, so that a drift within a
+    turn favours neither. Turns of seconds rather than single calls: one served request in turn
+    with one bare call ran both slower than either runs alone (on two cores, 2026-12-03: served
+    286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against 210 ms), as if each found
+    its caches cold after the other. Each side is counted once warm: the served side from each
+    client's first answer (`steady`), the bare side from its second call. The bare calls run on
+    the model worker's cores (`SameCores`)."""
+    served, whole_turns, bare_calls = [], [], []  # (images, seconds) of each turn
+    share = seconds / turns
+
+    def bare_turn() -> None:
+        cores.bare()
+        bare.call_s(batch)  # warm again after the served turn
+        calls = [bare.call_s(batch)]
+        while sum(calls) < share / 2:
+            calls.append(bare.call_s(batch))
+        bare_calls.append((batch * len(calls), sum(calls)))
+        cores.clients()
+
+    cores.clients()
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
+        for turn in range(turns):
+            if turn % 2:
+                bare_turn()
+            answer_times: dict[int, list[float]] = {}  # each client's, of its answered requests
+
+            def answered(user: int, response: httpx.Response, _: float) -> None:
+                if response.status_code == 200:
+                    answer_times.setdefault(user, []).append(time.perf_counter())
+
+            wall = await run_clients(client, concurrency, share, body, answered)
+            served.append(steady(answer_times, body["n"]))
+            whole_turns.append((body["n"] * sum(map(len, answer_times.values())), wall))
+            if not turn % 2:
+                bare_turn()
+
+    def rate(figures: list[tuple[int, float]]) -> float:
+        return sum(images for images, _ in figures) / sum(s for _, s in figures)
+
+    return {"batch": batch, "how": f"interleaved, {turns} turns", "served_images_per_s": rate(served),
+            "bare_images_per_s": rate(bare_calls),
+            "turns": [{"served_images_per_s": rate([s]), "bare_images_per_s": rate([b]),
+                       "served_whole_turn_images_per_s": rate([w])}
+                      for s, b, w in zip(served, bare_calls, whole_turns)]}
+
+
+def steady(answer_times: dict[int, list[float]], images_per_answer: int) -> tuple[int, float]:
+    """(images, seconds) at the rate clients were answered once each had its first answer: each
+    client's answers after its first over the time from its first answer to its last, summed over
+    the clients. A turn starts from an idle server: its first request goes alone to the model and
+    the others wait behind it, and its last calls may be part batches, which bare calls of a full
+    batch never are (at concurrency 16, 2026-12-03: mean batch 7.1-7.3 of 8 in 5 s turns)."""
+    answers = [times for times in answer_times.values() if len(times) > 1]
+    per_s = images_per_answer * sum((len(times) - 1) / (times[-1] - times[0]) for times in answers)
+    images = images_per_answer * sum(len(times) - 1 for times in answers)
+    return images, images / per_s if per_s else float("inf")
