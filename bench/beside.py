@@ -60,45 +60,38 @@ class SameCores:
 async def interleaved(url: str, concurrency: int, seconds: float, body: dict, bare: BarePipeline, batch: int,
                       cores: SameCores, turns: int = 4) -> dict:
     """A served concurrency against bare `batch`, in `turns` turns: the clients for a share of
-    `seconds`, and bare calls for about half as long (the server idle meanwhile), so that both see
-    the machine at the same moments; odd turns run the bare calls first, so that a drift within a
-    turn favours neither. Turns of seconds rather than single calls: one served request in turn
-    with one bare call ran both slower than either runs alone (on two cores, 2026-12-03: served
-    286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against 210 ms), as if each found
-    its caches cold after the other. Each side is counted once warm: the served side from each
-    client's first answer (`steady`), the bare side from its second call. The bare calls run on
-    the model worker's cores (`SameCores`)."""
+    `seconds`, then bare calls for about half as long (the server idle meanwhile), so that both see
+    the machine at the same moments. Turns of seconds rather than single calls: one served request
+    in turn with one bare call ran both slower than either runs alone (on two cores, 2026-12-03:
+    served 286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against 210 ms), as if each
+    found its caches cold after the other. Each side comes after the other and is counted once
+    warm: the served side from its first answer (`steady`), the bare side from its second call.
+    (Turns in alternating order ran bare calls after bare calls every other turn, 19% faster at
+    concurrency 1 than after a served turn.) The bare calls run on the model worker's cores."""
     served, whole_turns, bare_calls = [], [], []  # (images, seconds) of each turn
     share = seconds / turns
-
-    def bare_turn() -> None:
-        cores.bare()
-        bare.call_s(batch)  # warm again after the served turn
-        calls = [bare.call_s(batch)]
-        while sum(calls) < share / 2:
-            calls.append(bare.call_s(batch))
-        bare_calls.append((batch * len(calls), sum(calls)))
-        cores.clients()
-
-    cores.clients()
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
-        for turn in range(turns):
-            if turn % 2:
-                bare_turn()
-            answer_times: dict[int, list[float]] = {}  # each client's, of its answered requests
+        for _ in range(turns):
+            answered_at: list[float] = []
 
-            def answered(user: int, response: httpx.Response, _: float) -> None:
+            def answered(_: int, response: httpx.Response, __: float) -> None:
                 if response.status_code == 200:
-                    answer_times.setdefault(user, []).append(time.perf_counter())
+                    answered_at.append(time.perf_counter())
 
+            cores.clients()
             wall = await run_clients(client, concurrency, share, body, answered)
-            served.append(steady(answer_times, body["n"]))
-            whole_turns.append((body["n"] * sum(map(len, answer_times.values())), wall))
-            if not turn % 2:
-                bare_turn()
+            served.append(steady(answered_at, body["n"]))
+            whole_turns.append((body["n"] * len(answered_at), wall))
+            cores.bare()
+            bare.call_s(batch)  # warm again after the served turn
+            calls = [bare.call_s(batch)]
+            while sum(calls) < share / 2:
+                calls.append(bare.call_s(batch))
+            bare_calls.append((batch * len(calls), sum(calls)))
 
     def rate(figures: list[tuple[int, float]]) -> float:
-        return sum(images for images, _ in figures) / sum(s for _, s in figures)
+        seconds = sum(s for _, s in figures)
+        return sum(images for images, _ in figures) / seconds if seconds else 0.0
 
     return {"batch": batch, "how": f"interleaved, {turns} turns", "served_images_per_s": rate(served),
             "bare_images_per_s": rate(bare_calls),
@@ -107,13 +100,12 @@ async def interleaved(url: str, concurrency: int, seconds: float, body: dict, ba
                       for s, b, w in zip(served, bare_calls, whole_turns)]}
 
 
-def steady(answer_times: dict[int, list[float]], images_per_answer: int) -> tuple[int, float]:
-    """(images, seconds) at the rate clients were answered once each had its first answer: each
-    client's answers after its first over the time from its first answer to its last, summed over
-    the clients. A turn starts from an idle server: its first request goes alone to the model and
-    the others wait behind it, and its last calls may be part batches, which bare calls of a full
-    batch never are (at concurrency 16, 2026-12-03: mean batch 7.1-7.3 of 8 in 5 s turns)."""
-    answers = [times for times in answer_times.values() if len(times) > 1]
-    per_s = images_per_answer * sum((len(times) - 1) / (times[-1] - times[0]) for times in answers)
-    images = images_per_answer * sum(len(times) - 1 for times in answers)
-    return images, images / per_s if per_s else float("inf")
+def steady(answered_at: list[float], images_per_answer: int) -> tuple[int, float]:
+    """(images, seconds) of a turn from its first answer to its last. A turn starts from an idle
+    server: its first request goes alone to the model and the others wait behind it (at
+    concurrency 16, 2026-12-03: mean batch 7.1-7.3 of 8 in 5 s turns, counted from the start),
+    which bare calls of a full batch never pay. From the first answer on, the model runs full
+    batches: every request sent before the turn's end is answered, in whole calls."""
+    if len(answered_at) < 2:
+        return 0, 0.0
+    return images_per_answer * (len(answered_at) - 1), max(answered_at) - min(answered_at)
