@@ -77,7 +77,8 @@ class BarePipeline:
 
         runner = DiffusionRunner(model_path, runtime)  # same loading, placement and threads as the server's
         self.pipeline, self.device = runner.pipeline, runner.placement.device
-        self.threads = torch.get_num_threads()  # as the runner set them
+        # torch's threads as the runner set them, for a pipeline on the CPU (none pinned on a GPU)
+        self.cpu_threads = torch.get_num_threads() if self.device.type == "cpu" else 0
         self.size, self.steps, self.guidance = size, steps, guidance
 
     def call_s(self, batch: int) -> float:
@@ -136,7 +137,7 @@ def measure_server(config: Path, levels: list[int], seconds: float, body: dict, 
                 after = batch_totals(server.url)
                 row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 if batch:
-                    with SameCores(server.process.pid, bare.threads) as cores:
+                    with SameCores(server.process.pid, bare.cpu_threads) as cores:
                         row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds, body, bare, batch,
                                                                 cores))
                     log(f"  beside it, bare batch {batch} ({row['beside']['how']}): served "

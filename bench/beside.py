@@ -25,9 +25,11 @@ class SameCores:
     249 against 244). The model gets as many cores as the bare pipeline has torch threads."""
 
     def __init__(self, server_pid: int, threads: int) -> None:
+        """`threads`: the bare pipeline's torch threads on the CPU; 0 for a pipeline on a GPU,
+        which is not pinned (its CPU work is the API's, not torch's)."""
         cores = sorted(os.sched_getaffinity(0))
         self.all = set(cores)
-        self.model = set(cores[-min(threads, len(cores) - 1):]) if len(cores) > 1 else self.all
+        self.model = set(cores[-min(threads, len(cores) - 1):]) if threads and len(cores) > 1 else self.all
         self.rest = self.all - self.model or self.all
         roles = server_roles(server_pid)
         self.workers = {roles["model worker"]: self.model, roles["API worker"]: self.rest}
