@@ -76,7 +76,7 @@ async def interleaved(url: str, concurrency: int, seconds: float, body: dict, ba
         for _ in range(turns):
             answered_at: list[float] = []
 
-            def answered(_: int, response: httpx.Response, __: float) -> None:
+            def answered(response: httpx.Response, _: float) -> None:
                 if response.status_code == 200:
                     answered_at.append(time.perf_counter())
 

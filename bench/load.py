@@ -63,10 +63,10 @@ def server_memory_mb(pid: int) -> float:
 
 
 async def run_clients(client: httpx.AsyncClient, concurrency: int, seconds: float, body: dict,
-                      answered: Callable[[int, httpx.Response, float], None]) -> float:
+                      answered: Callable[[httpx.Response, float], None]) -> float:
     """`concurrency` clients, each sending its next request when the last is answered, until
-    `seconds` have passed; `answered(client, response, seconds it took)` sees each answer. Returns
-    the wall time until the last answer."""
+    `seconds` have passed; `answered(response, seconds it took)` sees each answer. Returns the
+    wall time until the last answer."""
     deadline = time.monotonic() + seconds
 
     async def user(index: int) -> None:
@@ -75,7 +75,7 @@ async def run_clients(client: httpx.AsyncClient, concurrency: int, seconds: floa
             n += 1
             started = time.perf_counter()
             response = await client.post("/v1/images/generations", json={**body, "seed": index * 100_000 + n})
-            answered(index, response, time.perf_counter() - started)
+            answered(response, time.perf_counter() - started)
             if response.status_code != 200:
                 await asyncio.sleep(0.05)  # a refused client backs off a little, as real ones do
 
@@ -97,7 +97,7 @@ async def closed_loop(url: str, concurrency: int, seconds: float, body: dict, se
     roles = server_roles(server_pid)
     cpu_before = cpu_seconds(roles)
 
-    def answered(_: int, response: httpx.Response, elapsed: float) -> None:
+    def answered(response: httpx.Response, elapsed: float) -> None:
         nonlocal non_json_errors
         statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
         if response.status_code == 200:

@@ -56,6 +56,7 @@ _PROCESSES, _DATA, _SESSIONS = GenerativeProcess.__table__, ProcessData.__table_
 _SESSION_EXISTS = select(_SESSIONS.c.id).where(_SESSIONS.c.id == bindparam("session_id"))
 _INSERT_PROCESS = insert(_PROCESSES).returning(_PROCESSES.c.id)
 _INSERT_ROWS = insert(_DATA).returning(_DATA.c.id, sort_by_parameter_order=True)
+_INSERT_OUTPUTS = insert(_DATA)
 _STATUS_OF = select(_PROCESSES.c.status).where(_PROCESSES.c.id == bindparam("process_id"))
 
 
@@ -320,7 +321,7 @@ class Store:
             rows = [{"process_id": process_id, "data": data, "data_type": data_type, "is_input": False}
                     for data, data_type in outputs]
             if rows:
-                db.execute(insert(_DATA), rows)
+                db.execute(_INSERT_OUTPUTS, rows)
 
     def recover(
         self, owner: str, max_attempts: int, exclude: Iterable[int] = ()
