@@ -20,8 +20,9 @@ At the served model's defaults (configuration.yaml's `defaults`: size, steps, gu
 The ratios compare a served level with the bare pipeline measured beside it,
 not with the table measured minutes earlier (this machine's speed drifts by as
 much as the targets' margins within a minute): after the level, a second run
-of it in four turns of the clients for 5 s each, with bare calls at the batch
-the level should fill beside each turn (batch 1 at concurrency 1, 8 at 16), the
+of it in six turns of the clients for a quarter of the level's time (5 s), each
+followed by as long of bare calls at the batch the level should fill (batch 1
+at concurrency 1, 8 at 16), the
 server idle meanwhile, the model worker and the bare pipeline on the same cores
 (bench/beside.py).
 
@@ -138,8 +139,8 @@ def measure_server(config: Path, levels: list[int], seconds: float, body: dict, 
                 row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 if batch:
                     with SameCores(server.process.pid, bare.cpu_threads) as cores:
-                        row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds, body, bare, batch,
-                                                                cores))
+                        row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds / 4, body, bare,
+                                                                batch, cores))
                     log(f"  beside it, bare batch {batch} ({row['beside']['how']}): served "
                         f"{row['beside']['served_images_per_s']:.2f}, bare {row['beside']['bare_images_per_s']:.2f} images/s")
                 rows.append(row)

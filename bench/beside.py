@@ -59,11 +59,13 @@ class SameCores:
                 pass
 
 
-async def interleaved(url: str, concurrency: int, seconds: float, body: dict, bare: BarePipeline, batch: int,
-                      cores: SameCores, turns: int = 4) -> dict:
-    """A served concurrency against bare `batch`, in `turns` turns: the clients for a share of
-    `seconds`, then bare calls for about half as long (the server idle meanwhile), so that both see
-    the machine at the same moments. Turns of seconds rather than single calls: one served request
+async def interleaved(url: str, concurrency: int, turn_s: float, body: dict, bare: BarePipeline, batch: int,
+                      cores: SameCores, turns: int = 6) -> dict:
+    """A served concurrency against bare `batch`, in `turns` turns: the clients for `turn_s`, then
+    bare calls for as long (the server idle meanwhile), so that both see the machine at the same
+    moments. Six turns with both sides alike long: with four, the bare side half as long, one
+    run's turns at concurrency 1 gave 0.90-1.02 on a quiet machine (2026-12-03, 20:20), the bare
+    side alone 6.34-7.33 images/s within a minute. Turns of seconds rather than single calls: one served request
     in turn with one bare call ran both slower than either runs alone (on two cores, 2026-12-03:
     served 286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against 210 ms), as if each
     found its caches cold after the other. Each side comes after the other and is counted once
@@ -71,7 +73,6 @@ async def interleaved(url: str, concurrency: int, seconds: float, body: dict, ba
     (Turns in alternating order ran bare calls after bare calls every other turn, 19% faster at
     concurrency 1 than after a served turn.) The bare calls run on the model worker's cores."""
     served, whole_turns, bare_calls = [], [], []  # (images, seconds) of each turn
-    share = seconds / turns
     async with httpx.AsyncClient(base_url=url, timeout=600, limits=client_limits(concurrency)) as client:
         for _ in range(turns):
             answered_at: list[float] = []
@@ -81,13 +82,13 @@ async def interleaved(url: str, concurrency: int, seconds: float, body: dict, ba
                     answered_at.append(time.perf_counter())
 
             cores.clients()
-            wall = await run_clients(client, concurrency, share, body, answered)
+            wall = await run_clients(client, concurrency, turn_s, body, answered)
             served.append(steady(answered_at, body["n"]))
             whole_turns.append((body["n"] * len(answered_at), wall))
             cores.bare()
             bare.call_s(batch)  # warm again after the served turn
             calls = [bare.call_s(batch)]
-            while sum(calls) < share / 2:
+            while sum(calls) < turn_s:
                 calls.append(bare.call_s(batch))
             bare_calls.append((batch * len(calls), sum(calls)))
 
@@ -95,11 +96,12 @@ async def interleaved(url: str, concurrency: int, seconds: float, body: dict, ba
         seconds = sum(s for _, s in figures)
         return sum(images for images, _ in figures) / seconds if seconds else 0.0
 
-    return {"batch": batch, "how": f"interleaved, {turns} turns", "served_images_per_s": rate(served),
-            "bare_images_per_s": rate(bare_calls),
-            "turns": [{"served_images_per_s": rate([s]), "bare_images_per_s": rate([b]),
-                       "served_whole_turn_images_per_s": rate([w])}
-                      for s, b, w in zip(served, bare_calls, whole_turns)]}
+    each = [{"served_images_per_s": rate([s]), "bare_images_per_s": rate([b]), "served_whole_turn_images_per_s": rate([w])}
+            for s, b, w in zip(served, bare_calls, whole_turns)]
+    ratios = [turn["served_images_per_s"] / turn["bare_images_per_s"] for turn in each if turn["bare_images_per_s"]]
+    spread = f"; turns {min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
+    return {"batch": batch, "how": f"interleaved, {turns} turns{spread}", "served_images_per_s": rate(served),
+            "bare_images_per_s": rate(bare_calls), "turns": each}
 
 
 def steady(answered_at: list[float], images_per_answer: int) -> tuple[int, float]:
