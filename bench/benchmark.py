@@ -139,8 +139,8 @@ def measure_server(config: Path, levels: list[int], seconds: float, body: dict, 
                 row["mean_batch_size"] = (after[0] - before[0]) / max(1.0, after[1] - before[1])
                 if batch:
                     with SameCores(server.process.pid, bare.cpu_threads) as cores:
-                        row["beside"] = asyncio.run(interleaved(server.url, concurrency, seconds / 4, body, bare,
-                                                                batch, cores))
+                        row["beside"] = asyncio.run(interleaved(server.url, concurrency, body=body, bare=bare,
+                                                                batch=batch, cores=cores, turn_s=seconds / 4))
                     log(f"  beside it, bare batch {batch} ({row['beside']['how']}): served "
                         f"{row['beside']['served_images_per_s']:.2f}, bare {row['beside']['bare_images_per_s']:.2f} images/s")
                 rows.append(row)

@@ -65,8 +65,8 @@ async def interleaved(url: str, concurrency: int, turn_s: float, body: dict, bar
     bare calls for as long (the server idle meanwhile), so that both see the machine at the same
     moments. Six turns with both sides alike long: with four, the bare side half as long, one
     run's turns at concurrency 1 gave 0.90-1.02 on a quiet machine (2026-12-03, 20:20), the bare
-    side alone 6.34-7.33 images/s within a minute. Turns of seconds rather than single calls: one served request
-    in turn with one bare call ran both slower than either runs alone (on two cores, 2026-12-03:
+    side alone 6.34-7.33 images/s within a minute. Turns of seconds rather than single calls: one
+    served request in turn with one bare call ran both slower than either runs alone (on two cores, 2026-12-03:
     served 286 ms against a p50 of 209 ms at concurrency 1, bare 250 ms against 210 ms), as if each
     found its caches cold after the other. Each side comes after the other and is counted once
     warm: the served side from its first answer (`steady`), the bare side from its second call.
@@ -96,8 +96,8 @@ async def interleaved(url: str, concurrency: int, turn_s: float, body: dict, bar
         seconds = sum(s for _, s in figures)
         return sum(images for images, _ in figures) / seconds if seconds else 0.0
 
-    each = [{"served_images_per_s": rate([s]), "bare_images_per_s": rate([b]), "served_whole_turn_images_per_s": rate([w])}
-            for s, b, w in zip(served, bare_calls, whole_turns)]
+    each = [{"served_images_per_s": rate([s]), "bare_images_per_s": rate([b]),
+             "served_whole_turn_images_per_s": rate([w])} for s, b, w in zip(served, bare_calls, whole_turns)]
     ratios = [turn["served_images_per_s"] / turn["bare_images_per_s"] for turn in each if turn["bare_images_per_s"]]
     spread = f"; turns {min(ratios):.2f}-{max(ratios):.2f}" if ratios else ""
     return {"batch": batch, "how": f"interleaved, {turns} turns{spread}", "served_images_per_s": rate(served),

@@ -45,7 +45,8 @@ def test_bench_writes_results_chart_and_doc_section_and_ends_with_its_ratios(tmp
     # The run ends with its ratio (concurrency 1 over bare batch 1: no 16 here), and fails below 0.9.
     [ratio] = results["ratios"]
     beside = results["served"][0]["beside"]  # served requests and bare calls in turns
-    assert (beside["batch"], len(beside["turns"])) == (1, 6) and beside["how"].startswith("interleaved, 6 turns; turns ")
+    assert (beside["batch"], len(beside["turns"])) == (1, 6)
+    assert beside["how"].startswith("interleaved, 6 turns; turns ")
     assert (ratio["served"], ratio["bare"]) == (beside["served_images_per_s"], beside["bare_images_per_s"])
     assert ratio["bare"] > 0 and ratio["served"] > 0
     last = done.stdout.strip().splitlines()[-1]
