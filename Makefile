@@ -67,15 +67,15 @@ container: bento
 smoke: install
 	VARIANT=$(VARIANT) BASE_IMAGE=$(BASE_IMAGE) deploy/smoke.sh
 
-# A new schema migration from the models' changes (t2i_task/migrations/versions/; read it
+# A new schema migration from the models' changes (t2i_task/storage/migrations/versions/; read it
 # before committing): make migration MESSAGE="add the progress columns"
 migration: install
-	$(PY) -m t2i_task.schema "$(MESSAGE)"
+	$(PY) -m t2i_task.storage.schema "$(MESSAGE)"
 
 # Measures what a generation costs on this machine and rewrites model.cost in the configuration
 # (T2I_CONFIG for another file): the cost limit and the scheduler follow it (README, Limits).
 calibrate: install
-	$(PY) -m t2i_task.calibrate
+	$(PY) -m t2i_task.generation.calibrate
 
 # Bare-pipeline ceiling, then the real server at concurrency 1, 4, 16, 64:
 # prints a table, writes bench/results.json and .png, updates docs/benchmarks.md.

@@ -8,8 +8,8 @@ Two BentoML services:
 - `TextToImageService` speaks HTTP: a FastAPI app mounted at `/` with one
   router per API (`t2i_task/api/dashai.py`, `t2i_task/api/openai.py`). It owns
   the store, the task's adapters and the process queue
-  (`t2i_task/processes.py`, which hands work over when the model has room:
-  `t2i_task/scheduler.py`), and sends every generation, from every endpoint,
+  (`t2i_task/jobs/processes.py`, which hands work over when the model has room:
+  `t2i_task/jobs/scheduler.py`), and sends every generation, from every endpoint,
   through `DiffusionService.generate`.
 
 A request's path: `prepare_input_for_database` -> store -> `prepare_for_task`
@@ -35,13 +35,18 @@ from pydantic import BaseModel
 from t2i_task.api import dashai, dashai_components, dashai_jobs, openai
 from t2i_task.api.backend import Backend
 from t2i_task.api.errors import install_error_handlers
-from t2i_task.config import load_settings
-from t2i_task.http_guards import AnswerFailuresMiddleware, ApiKeyMiddleware, BodySizeLimitMiddleware, JsonRouteErrorsMiddleware
-from t2i_task.failures import ModelUnavailable
-from t2i_task.model_calls import CallBatcher
-from t2i_task.processes import ProcessQueue
-from t2i_task.runner import DiffusionRunner, GenerationRequest, GenerationResult
-from t2i_task.store import Store
+from t2i_task.api.guards import (
+    AnswerFailuresMiddleware,
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    JsonRouteErrorsMiddleware,
+)
+from t2i_task.config.settings import load_settings
+from t2i_task.generation.runner import DiffusionRunner, GenerationRequest, GenerationResult
+from t2i_task.jobs.failures import ModelUnavailable
+from t2i_task.jobs.model_calls import CallBatcher
+from t2i_task.jobs.processes import ProcessQueue
+from t2i_task.storage.store import Store
 from t2i_task.task import TextToImageGenerationTask
 
 settings = load_settings()
@@ -149,7 +154,7 @@ class DiffusionService:
 
 
 class DiffusionClient:
-    """`DiffusionService` as the process queue uses it (`t2i_task.processes.Model`), over
+    """`DiffusionService` as the process queue uses it (`t2i_task.jobs.processes.Model`), over
     BentoML's client between the two services (looked up at each call: BentoML sets it up
     after the API service is built)."""
 
@@ -158,7 +163,7 @@ class DiffusionClient:
         self.calls = CallBatcher(self._generate, max_batch, calls_in_flight)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """One request, in the next call to the model's batcher (t2i_task/model_calls.py)."""
+        """One request, in the next call to the model's batcher (t2i_task/jobs/model_calls.py)."""
         REQUESTS_AT_MODEL.inc()
         try:
             return await self.calls.submit(request)

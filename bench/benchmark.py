@@ -51,9 +51,9 @@ from pathlib import Path
 import httpx
 import psutil
 
-from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings
+from t2i_task.config.settings import DEFAULT_CONFIG_PATH, load_settings
+from t2i_task.config.sizes import DrawnSizes
 from t2i_task.local_server import PROJECT_ROOT, start_server, write_config
-from t2i_task.sizes import DrawnSizes
 
 sys.path.insert(0, str(Path(__file__).parent))  # run as a script: its sibling modules
 from beside import SameCores, interleaved  # noqa: E402
@@ -74,7 +74,7 @@ class BarePipeline:
     def __init__(self, model_path: str, runtime, size: int, steps: int, guidance: float) -> None:
         import torch
 
-        from t2i_task.runner import DiffusionRunner
+        from t2i_task.generation.runner import DiffusionRunner
 
         runner = DiffusionRunner(model_path, runtime)  # same loading, placement and threads as the server's
         self.pipeline, self.device = runner.pipeline, runner.placement.device
@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     config = (args.config or Path(__import__("os").environ.get("T2I_CONFIG") or DEFAULT_CONFIG_PATH)).resolve()
     settings = load_settings(config)
-    from t2i_task.runner import default_cpu_threads
+    from t2i_task.generation.runner import default_cpu_threads
 
     size = args.size or settings.defaults.width
     steps = args.steps or settings.defaults.num_inference_steps

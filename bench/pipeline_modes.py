@@ -3,7 +3,7 @@
 Meant for a GPU with Stable Diffusion 1.5's real architecture (random weights,
 written locally, no download):
 
-    python -m t2i_task.tiny_model --architecture sd15 models/sd15-random
+    python -m t2i_task.generation.tiny_model --architecture sd15 models/sd15-random
     python bench/pipeline_modes.py --model models/sd15-random --size 512 --steps 25 --batches 1 4 8
 
 For every mode and batch size it reports UNet iterations per second (timed
@@ -29,9 +29,9 @@ from pathlib import Path
 
 import torch
 
-from t2i_task.config import RuntimeConfig
+from t2i_task.config.settings import RuntimeConfig
+from t2i_task.generation.runner import DiffusionRunner, RuntimeUnavailable
 from t2i_task.local_server import PROJECT_ROOT
-from t2i_task.runner import DiffusionRunner, RuntimeUnavailable
 
 MODES = {
     "sdpa": RuntimeConfig(attention="sdpa"),

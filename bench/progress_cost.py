@@ -2,7 +2,7 @@
 
 Progress is diffusers' step-end callback in the model worker, a `progress` call
 from the API process to the model every 0.5 s while it holds work and a
-database write a second (t2i_task/progress.py). "Off" is the same server with
+database write a second (t2i_task/jobs/progress.py). "Off" is the same server with
 `bench/hooks/no_progress` loaded: no callback, no watching. The two alternate
 for `--rounds` rounds (a fresh server each time), each driven by a closed loop
 of `--concurrency` OpenAI clients (`b64_json`) for `--seconds`, after a warm-up;
@@ -25,7 +25,7 @@ import httpx
 sys.path.insert(0, str(Path(__file__).parent))
 from load import closed_loop, log  # noqa: E402
 
-from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings  # noqa: E402
+from t2i_task.config.settings import DEFAULT_CONFIG_PATH, load_settings  # noqa: E402
 from t2i_task.local_server import PROJECT_ROOT, start_server, write_config  # noqa: E402
 
 NO_PROGRESS_HOOKS = Path(__file__).parent / "hooks" / "no_progress"

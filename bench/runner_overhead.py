@@ -18,8 +18,8 @@ from datetime import date
 
 import torch
 
-from t2i_task.config import load_settings
-from t2i_task.runner import DiffusionRunner, GenerationRequest
+from t2i_task.config.settings import load_settings
+from t2i_task.generation.runner import DiffusionRunner, GenerationRequest
 
 
 def main() -> None:

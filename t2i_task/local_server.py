@@ -16,7 +16,7 @@ import httpx
 import psutil
 import yaml
 
-from t2i_task.config import DEFAULT_CONFIG_PATH, load_settings
+from t2i_task.config.settings import DEFAULT_CONFIG_PATH, load_settings
 
 PROJECT_ROOT = DEFAULT_CONFIG_PATH.parent
 BENTOML = Path(sys.executable).with_name("bentoml")

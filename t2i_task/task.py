@@ -18,7 +18,7 @@ from typing import Any, ClassVar, List, Tuple
 
 from PIL import Image, PngImagePlugin
 
-from t2i_task.models import ProcessData
+from t2i_task.storage.tables import ProcessData
 
 DEFAULT_IMAGES_PATH = Path("data/images")
 DEFAULT_MAX_PROMPT_LENGTH = 1000

@@ -12,9 +12,9 @@ import pytest
 from sqlalchemy import create_engine, text
 from sqlalchemy.exc import OperationalError
 
+from t2i_task.generation.tiny_model import write_tiny_model
 from t2i_task.local_server import start_server, write_config
-from t2i_task.store import Store
-from t2i_task.tiny_model import write_tiny_model
+from t2i_task.storage.store import Store
 from tests.gate import Gate
 
 POSTGRES_URL = os.environ.get("T2I_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")

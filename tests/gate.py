@@ -34,7 +34,7 @@ def wait_for(predicate, timeout: float = WAIT_S, interval: float = 0.05, what: s
 
 def queued_at_model(url: str) -> int:
     """Requests handed to the model now (running, in its batcher, or waiting in the API process
-    for the next call to it: t2i_task/model_calls.py), from /metrics."""
+    for the next call to it: t2i_task/jobs/model_calls.py), from /metrics."""
     text = httpx.get(f"{url}/metrics", timeout=30).text
     match = re.search(r'^t2i_requests_at_model(?:{[^}]*})? (\S+)$', text, re.MULTILINE)
     return int(float(match[1])) if match else 0

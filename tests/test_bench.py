@@ -86,7 +86,7 @@ def test_locustfile_runs_both_user_kinds_without_failures(server, tmp_path):
 
 def test_pipeline_modes_bench_runs_sd15_architecture_on_cpu_at_small_size(tmp_path):
     model = tmp_path / "sd15-random"
-    built = subprocess.run([sys.executable, "-m", "t2i_task.tiny_model", "--architecture", "sd15", str(model)],
+    built = subprocess.run([sys.executable, "-m", "t2i_task.generation.tiny_model", "--architecture", "sd15", str(model)],
                            cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
     assert built.returncode == 0, built.stderr[-3000:]
     unet = json.loads((model / "unet" / "config.json").read_text())

@@ -21,7 +21,7 @@ def test_bentoml_build_packs_code_configuration_model_and_dockerfile(tmp_path):
 
     [bento] = [p for p in (tmp_path / "home" / "bentos" / "t2i-task").iterdir() if p.name != "latest"]
     src = bento / "src"
-    for path in ("service.py", "configuration.yaml", "t2i_task/task.py", "t2i_task/runner.py", "t2i_task/store.py",
+    for path in ("service.py", "configuration.yaml", "t2i_task/task.py", "t2i_task/generation/runner.py", "t2i_task/storage/store.py",
                  "t2i_task/api/dashai.py", "t2i_task/api/openai.py",
                  "demo_model/model_index.json", "demo_model/unet/diffusion_pytorch_model.safetensors",
                  "demo_model/tokenizer/tokenizer.json", "demo_model/README.md"):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from t2i_task.config import DEFAULT_CONFIG_PATH, ConfigError, load_settings
+from t2i_task.config.settings import DEFAULT_CONFIG_PATH, ConfigError, load_settings
 
 
 @pytest.fixture

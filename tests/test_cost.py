@@ -7,10 +7,10 @@ import shutil
 import pytest
 import yaml
 
-from t2i_task.calibrate import measure, store
-from t2i_task.config import DEFAULT_CONFIG_PATH, ConfigError, ParameterError, Settings, load_settings
-from t2i_task.cost import GenerationCost, largest_square
-from t2i_task.runner import DiffusionRunner
+from t2i_task.config.cost import GenerationCost, largest_square
+from t2i_task.config.settings import DEFAULT_CONFIG_PATH, ConfigError, ParameterError, Settings, load_settings
+from t2i_task.generation.calibrate import measure, store
+from t2i_task.generation.runner import DiffusionRunner
 
 # 1 s per megapixel-step and no overhead: a 512x512 image at 50 steps takes 13.1 s.
 COST = {"overhead_s": 0.0, "seconds_per_megapixel_step": 1.0}

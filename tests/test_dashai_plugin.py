@@ -21,10 +21,9 @@ from dashai_t2i_server import client as plugin_client
 from dashai_t2i_server.client import InferenceServer, ServerError
 from dashai_t2i_server.model import SHIPPED_FORM, InferenceServerModel, server_form
 
-from t2i_task.config import load_settings
+from t2i_task.config.settings import load_settings
 from t2i_task.local_server import free_port, start_server, write_config
 from tests.gate import Gate, wait_for
-
 
 KEY = "plugin-test-key"
 FORM = {"num_inference_steps": 2, "guidance_scale": 3.0, "width": 64, "height": 48, "seed": 5,

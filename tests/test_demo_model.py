@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2i_task.config import load_settings
+from t2i_task.config.settings import load_settings
 from t2i_task.local_server import PROJECT_ROOT, start_server, write_config
 from training.judge import judge
 from training.shapes import Scene

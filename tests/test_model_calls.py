@@ -1,4 +1,4 @@
-"""Requests joined into calls to the model (t2i_task/model_calls.py), on a model stand-in that records its calls."""
+"""Requests joined into calls to the model (t2i_task/jobs/model_calls.py), on a model stand-in that records its calls."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from t2i_task.model_calls import CallBatcher
+from t2i_task.jobs.model_calls import CallBatcher
 
 
 class RecordingModel:

@@ -7,7 +7,7 @@ from http import HTTPStatus
 import pytest
 from bentoml.exceptions import BentoMLException
 
-from t2i_task.failures import describe_failure
+from t2i_task.jobs.failures import describe_failure
 
 
 @pytest.mark.parametrize(

@@ -440,7 +440,7 @@ def test_the_batchers_own_refusal_reaches_clients_as_json_503(tiny_model_path, f
 
         # BentoML's batcher first times about a dozen calls to learn its latency model, and while
         # it does it refuses a call only when more wait than it needs: one call carrying many
-        # requests (t2i_task/model_calls.py) would just wait. Past that it refuses at once.
+        # requests (t2i_task/jobs/model_calls.py) would just wait. Past that it refuses at once.
         # With a 1 ms budget it may refuse some of these lone calls too: either answer will do.
         for i in range(12):
             assert generate(100 + i).status_code in (200, 503)

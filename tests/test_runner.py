@@ -7,8 +7,8 @@ import shutil
 import numpy as np
 import pytest
 
-from t2i_task.config import RuntimeConfig
-from t2i_task.runner import DiffusionRunner, GenerationRequest, RuntimeUnavailable, resolve_placement
+from t2i_task.config.settings import RuntimeConfig
+from t2i_task.generation.runner import DiffusionRunner, GenerationRequest, RuntimeUnavailable, resolve_placement
 
 # Batch size changes the order of floating-point sums inside the UNet, so a
 # request alone and inside a batch may differ by rounding; allow at most 2 of 255.
@@ -231,7 +231,7 @@ def fake_xformers(monkeypatch):
 def test_xformers_is_used_only_if_a_test_call_through_it_works(fake_xformers):
     import torch
 
-    from t2i_task.runner import xformers_problem
+    from t2i_task.generation.runner import xformers_problem
 
     fake_xformers(lambda q, k, v: q)
     assert xformers_problem(torch.device("cpu"), torch.float32) is None
@@ -254,7 +254,7 @@ def test_an_installed_xformers_that_cannot_run_falls_back_to_sdpa_or_fails_when_
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     fake_xformers(lambda q, k, v: q)
 
-    with caplog.at_level("WARNING", logger="t2i_task.runner"):
+    with caplog.at_level("WARNING", logger="t2i_task.generation.runner"):
         placement = resolve_placement(RuntimeConfig(attention="auto"))
     assert placement.attention == "sdpa"
     assert "PyTorch SDPA, not xformers: a test call failed" in caplog.text
@@ -288,7 +288,7 @@ def test_a_compiler_that_fails_is_a_startup_error_when_forced_and_a_logged_fallb
 
     runner = DiffusionRunner(str(tiny_model_path), RuntimeConfig(device="cpu"))
     eager = runner.pipeline.unet
-    with caplog.at_level("WARNING", logger="t2i_task.runner"):
+    with caplog.at_level("WARNING", logger="t2i_task.generation.runner"):
         runner._compile_unet(forced=False)  # what `compile: auto` does on CUDA
     assert runner.pipeline.unet is eager
     assert "running the UNet uncompiled: torch.compile failed (RuntimeError: inductor" in caplog.text
@@ -392,6 +392,6 @@ def test_partial_images_are_decoded_at_spread_steps_and_leave_the_image_unchange
     (10, 2, {4, 7}), (10, 3, {3, 5, 8}), (6, 1, {3}), (2, 3, {1}), (1, 3, set()), (10, 0, set()),
 ])
 def test_preview_steps_are_spread_before_the_last_step(steps, count, expected):
-    from t2i_task.previews import preview_steps
+    from t2i_task.generation.previews import preview_steps
 
     assert preview_steps(steps, count) == expected

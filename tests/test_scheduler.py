@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from t2i_task.scheduler import ModelScheduler, Priority
+from t2i_task.jobs.scheduler import ModelScheduler, Priority
 
 
 async def hold(scheduler: ModelScheduler, cost_s: float, priority: Priority, order: list, name: str,

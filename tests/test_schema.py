@@ -7,9 +7,9 @@ from pathlib import Path
 from alembic.autogenerate import compare_metadata
 from sqlalchemy import create_engine, inspect
 
-from t2i_task.models import Base, RunStatus
-from t2i_task.schema import VERSION_TABLE, current_revision, head_revision, migration_context
-from t2i_task.store import Store
+from t2i_task.storage.schema import VERSION_TABLE, current_revision, head_revision, migration_context
+from t2i_task.storage.store import Store
+from t2i_task.storage.tables import Base, RunStatus
 
 FIXTURES = Path(__file__).with_name("fixtures")
 

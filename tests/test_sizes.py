@@ -7,8 +7,8 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from t2i_task.config import ParameterError, Settings
-from t2i_task.sizes import DrawnSizes, resized
+from t2i_task.config.settings import ParameterError, Settings
+from t2i_task.config.sizes import DrawnSizes, resized
 
 SD15 = DrawnSizes(native=512, min=256, max=768)
 SHAPES = DrawnSizes(native=32, min=32, max=48)

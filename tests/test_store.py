@@ -9,14 +9,14 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 
-from t2i_task.models import GenerativeProcess, ProcessData, RunStatus
-from t2i_task.store import (
+from t2i_task.storage.store import (
     DuplicateSessionName,
     InvalidTransition,
     ProcessNotFound,
     SessionNotFound,
     Store,
 )
+from t2i_task.storage.tables import GenerativeProcess, ProcessData, RunStatus
 
 TASK = "TextToImageGenerationTask"
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from t2i_task.models import ProcessData
+from t2i_task.storage.tables import ProcessData
 from t2i_task.task import BaseGenerativeTask, TextToImageGenerationTask
 
 UUID_PNG = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}\.png$")

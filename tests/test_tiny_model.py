@@ -8,7 +8,7 @@ import sys
 from safetensors.torch import load_file
 from transformers import CLIPTokenizer
 
-from t2i_task.tiny_model import DEFAULT_WORDS
+from t2i_task.generation.tiny_model import DEFAULT_WORDS
 
 
 def test_the_model_is_a_diffusers_folder_with_safetensors_only(tiny_model_path):
@@ -38,7 +38,7 @@ def test_the_tokenizer_knows_its_words_and_spells_out_the_rest(tiny_model_path):
 def test_the_command_writes_the_same_weights_every_time(tiny_model_path, tmp_path):
     target = tmp_path / "again"
     done = subprocess.run(
-        [sys.executable, "-m", "t2i_task.tiny_model", str(target)], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "t2i_task.generation.tiny_model", str(target)], capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr
     assert "wrote tiny Stable Diffusion pipeline" in done.stdout

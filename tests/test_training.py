@@ -7,9 +7,9 @@ import shutil
 import subprocess
 import sys
 
-from t2i_task.config import RuntimeConfig
+from t2i_task.config.settings import RuntimeConfig
+from t2i_task.generation.runner import DiffusionRunner, GenerationRequest
 from t2i_task.local_server import PROJECT_ROOT
-from t2i_task.runner import DiffusionRunner, GenerationRequest
 from training.shapes import HELD_OUT, vocabulary
 from training.train_demo_model import training_scenes
 

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from t2i_task.config import RuntimeConfig, load_settings
-from t2i_task.runner import DiffusionRunner, GenerationRequest
+from t2i_task.config.settings import RuntimeConfig, load_settings
+from t2i_task.generation.runner import DiffusionRunner, GenerationRequest
 from training.judge import ATTRIBUTES, judge, score
 from training.shapes import PHRASINGS, Scene, all_scenes, caption
 from training.train_demo_model import judge_reconstructions, machine

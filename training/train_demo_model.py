@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from t2i_task.tiny_model import CONTEXT_LENGTH, build_tokenizer
+from t2i_task.generation.tiny_model import CONTEXT_LENGTH, build_tokenizer
 from training.judge import judge, score
 from training.shapes import all_scenes, caption, render, vocabulary
 

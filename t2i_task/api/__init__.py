@@ -1,1 +1,1 @@
-"""The HTTP APIs, one module per API a client speaks; `service.py` mounts them."""
+"""The HTTP surface, one module per API a client speaks, their error shape and the ASGI guards; imports every layer below, never service.py."""

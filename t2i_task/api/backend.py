@@ -8,9 +8,9 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
-from t2i_task.config import Settings
-from t2i_task.processes import ProcessQueue
-from t2i_task.store import Store
+from t2i_task.config.settings import Settings
+from t2i_task.jobs.processes import ProcessQueue
+from t2i_task.storage.store import Store
 from t2i_task.task import TextToImageGenerationTask
 
 

@@ -24,17 +24,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, validation_error
-from t2i_task.config import CleanText, GenerationParameters, ParameterError
-from t2i_task.models import GenerativeProcess, GenerativeSession, ProcessData, RunStatus
-from t2i_task.failures import ProcessEnded
-from t2i_task.store import DuplicateSessionName
+from t2i_task.config.settings import CleanText, GenerationParameters, ParameterError
+from t2i_task.jobs.failures import ProcessEnded
+from t2i_task.storage.store import DuplicateSessionName
+from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, ProcessData, RunStatus
 from t2i_task.task import TextToImageGenerationTask
 
 TASK_NAME = TextToImageGenerationTask.__name__
 MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
-# How often an event stream looks at its process: about as often as progress changes (processes.py).
+# How often an event stream looks at its process: about as often as progress changes (t2i_task/jobs/progress.py).
 EVENTS_POLL_S = 0.5
 
 router = APIRouter()

@@ -18,8 +18,8 @@ from fastapi import APIRouter, Request
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.dashai import MAX_ID, RowId, read_form_or_json
 from t2i_task.api.errors import ApiError
-from t2i_task.models import GenerativeProcess, RunStatus
-from t2i_task.store import ERROR_PREFIX, ProcessNotFound
+from t2i_task.storage.store import ERROR_PREFIX, ProcessNotFound
+from t2i_task.storage.tables import GenerativeProcess, RunStatus
 
 router = APIRouter()
 

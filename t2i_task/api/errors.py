@@ -15,10 +15,10 @@ from pydantic import ValidationError
 from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2i_task.config import ParameterError
-from t2i_task.http_guards import error_payload, is_openai_path
-from t2i_task.failures import QueueFull, ShuttingDown
-from t2i_task.store import NotFoundError
+from t2i_task.api.guards import error_payload, is_openai_path
+from t2i_task.config.settings import ParameterError
+from t2i_task.jobs.failures import QueueFull, ShuttingDown
+from t2i_task.storage.store import NotFoundError
 
 logger = logging.getLogger("t2i.api")
 RETRY_AFTER_S = 5

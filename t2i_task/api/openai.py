@@ -24,12 +24,11 @@ from sse_starlette import EventSourceResponse
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, retry_later
-from t2i_task.config import GenerationParameters, ParameterError, Settings
-from t2i_task.models import ProcessData
-from t2i_task.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
-from t2i_task.previews import MAX_PARTIAL_IMAGES
-from t2i_task.live import LiveCall
-from t2i_task.processes import Finished
+from t2i_task.config.settings import GenerationParameters, ParameterError, Settings
+from t2i_task.generation.previews import MAX_PARTIAL_IMAGES
+from t2i_task.jobs.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
+from t2i_task.jobs.live import Finished, LiveCall
+from t2i_task.storage.tables import ProcessData
 from t2i_task.task import TextToImageGenerationTask
 
 router = APIRouter()

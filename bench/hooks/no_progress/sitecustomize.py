@@ -4,13 +4,13 @@ The model worker makes its pipeline calls without a step callback, and the API
 process never asks the model how far it is (nor writes it to the database).
 """
 
-import t2i_task.progress
-import t2i_task.runner
+import t2i_task.generation.runner
+import t2i_task.jobs.progress
 
 
 async def _no_watching(self, stopping) -> None:
     return None
 
 
-t2i_task.runner.DiffusionRunner._step_callback = lambda self, *call: None
-t2i_task.progress.ProgressWatch.watch = _no_watching
+t2i_task.generation.runner.DiffusionRunner._step_callback = lambda self, *call: None
+t2i_task.jobs.progress.ProgressWatch.watch = _no_watching

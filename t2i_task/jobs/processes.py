@@ -8,7 +8,7 @@ database outage), gives up with a reason on work that keeps being interrupted,
 and on shutdown lets running generations finish and puts the rest back.
 
 Live calls (OpenAI's, whose client waits on the connection) are processes too
-(t2i_task/live.py).
+(t2i_task/jobs/live.py).
 
 It knows the store and the task's adapters; the model is a client it is given
 (`Model`, service.py's `DiffusionClient`), and HTTP is the caller's business.
@@ -19,23 +19,28 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Protocol
 
 from anyio import to_thread
 from PIL import Image
 from pydantic import ValidationError
 
-from t2i_task.config import GenerationParameters, Settings
-from t2i_task.failures import (GenerationFailed, ModelUnavailable, ProcessEnded, QueueFull,
-                               ShuttingDown, describe_failure)
-from t2i_task.models import GenerativeProcess, RunStatus
-from t2i_task.live import LiveCalls
-from t2i_task.progress import ProgressWatch
-from t2i_task.runner import GenerationRequest, GenerationResult
-from t2i_task.scheduler import ModelScheduler, Priority
-from t2i_task.sizes import resized
-from t2i_task.store import Store
+from t2i_task.config.settings import GenerationParameters, Settings
+from t2i_task.config.sizes import resized
+from t2i_task.generation.runner import GenerationRequest, GenerationResult
+from t2i_task.jobs.failures import (
+    GenerationFailed,
+    ModelUnavailable,
+    ProcessEnded,
+    QueueFull,
+    ShuttingDown,
+    describe_failure,
+)
+from t2i_task.jobs.live import Finished, LiveCalls
+from t2i_task.jobs.progress import ProgressWatch
+from t2i_task.jobs.scheduler import ModelScheduler, Priority
+from t2i_task.storage.store import Store
+from t2i_task.storage.tables import GenerativeProcess, RunStatus
 from t2i_task.task import TextToImageGenerationTask
 
 log = logging.getLogger(__name__)
@@ -61,15 +66,6 @@ class Model(Protocol):
         """A running job's partial images from the `since`-th on."""
 
 
-@dataclass
-class Finished:
-    """A process that ended FINISHED: its output rows and what its call gave besides the images."""
-
-    outputs: list[tuple[str, str]]  # (image file name, kind), as stored
-    previews: list[Image.Image] = field(default_factory=list)
-    prompt_tokens: int = 0
-
-
 class ProcessQueue(LiveCalls):
     def __init__(
         self,
@@ -79,11 +75,11 @@ class ProcessQueue(LiveCalls):
         model: Model,
     ) -> None:
         self.store, self.task, self.model = store, task, model
-        # How far the processes at the model are (t2i_task/progress.py).
+        # How far the processes at the model are (t2i_task/jobs/progress.py).
         self.progress = ProgressWatch(store, model.progress, running=lambda: self.at_model)
         self.serving = settings.serving
         self.model_name = settings.model.name
-        self.drawn = settings.model.drawn  # the size the model draws for an asked one (t2i_task/sizes.py)
+        self.drawn = settings.model.drawn  # the size the model draws for an asked one (t2i_task/config/sizes.py)
         self.cost = settings.model.cost
         if self.cost is None:
             log.warning("model.cost is not set (run `make calibrate`): only the field limits bound a request, "
@@ -102,7 +98,7 @@ class ProcessQueue(LiveCalls):
         self._claims = asyncio.Lock()
         self.draining = False
         # Work waits here (DELIVERED) until the model has room for it, so time in this
-        # queue never counts toward a model call's timeout (t2i_task/scheduler.py).
+        # queue never counts toward a model call's timeout (t2i_task/jobs/scheduler.py).
         self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size)
         self._sweeper: asyncio.Task | None = None
         self._progress_watcher: asyncio.Task | None = None

@@ -3,14 +3,14 @@
 Loads the configured model as the server would (same device, dtype and
 attention), times single images at the default step count at the smallest and the
 largest allowed size, and draws `seconds = overhead + rate x megapixels x
-steps` (t2i_task/cost.py) through the two. A step's cost grows faster than its
+steps` (t2i_task/config/cost.py) through the two. A step's cost grows faster than its
 pixels (attention is quadratic in them), so between the two sizes this line
 lies above the real cost: the estimate errs on the safe side everywhere a
 request may go. A size in between is timed as a check. The figures go to the
 `cost:` line of the model's section in the configuration file. Run it on the machine
 that serves, with nothing else running: the limits the server enforces follow.
 
-    python -m t2i_task.calibrate [--config configuration.yaml] [--dry-run]
+    python -m t2i_task.generation.calibrate [--config configuration.yaml] [--dry-run]
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import statistics
 import time
 from pathlib import Path
 
-from t2i_task.config import DEFAULT_CONFIG_PATH, Settings, load_settings
-from t2i_task.cost import MEGAPIXEL, GenerationCost
-from t2i_task.runner import DiffusionRunner, GenerationRequest
+from t2i_task.config.cost import MEGAPIXEL, GenerationCost
+from t2i_task.config.settings import DEFAULT_CONFIG_PATH, Settings, load_settings
+from t2i_task.generation.runner import DiffusionRunner, GenerationRequest
 
 RUNS_PER_SIZE = 2
 

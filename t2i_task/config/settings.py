@@ -19,10 +19,10 @@ from typing import Annotated, Literal
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
-from t2i_task.cost import HEADROOM, GenerationCost, largest_square
-from t2i_task.sizes import DrawnSizes
+from t2i_task.config.cost import HEADROOM, GenerationCost, largest_square
+from t2i_task.config.sizes import DrawnSizes
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]  # t2i_task/config/settings.py -> the project
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
 
 
@@ -48,7 +48,7 @@ class ModelConfig(_Section):
     sizes: DrawnSizes | None = Field(
         default=None,
         description="The size it was trained at and the sides it draws well; other sizes are drawn inside that "
-        "range and resized (t2i_task/sizes.py). Without it every size is drawn as asked.",
+        "range and resized (t2i_task/config/sizes.py). Without it every size is drawn as asked.",
     )
     aliases: list[str] = Field(
         default_factory=list,
@@ -80,7 +80,7 @@ class BatchingConfig(_Section):
     max_latency_ms: int = Field(default=120_000, ge=1, description="Queue latency beyond which the batcher refuses work (503).")
     calls_in_flight: int = Field(
         default=1, ge=1, le=2, description="Calls the API sends the model at once: 2 queues the next batch behind the "
-        "running one (BentoML's dispatcher then polls every millisecond; t2i_task/model_calls.py)."
+        "running one (BentoML's dispatcher then polls every millisecond; t2i_task/jobs/model_calls.py)."
     )
 
 

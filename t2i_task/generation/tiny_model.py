@@ -4,7 +4,7 @@ No machine of this project can download weights, yet the server, its tests and
 its benchmarks must load a model through the same `from_pretrained` path as a
 real one. This builds that model in a few seconds from fixed seeds:
 
-    python -m t2i_task.tiny_model models/tiny-sd
+    python -m t2i_task.generation.tiny_model models/tiny-sd
 
 The weights are random, so the images are noise; the shapes, the files and
 the code paths are those of Stable Diffusion 1.x (VAE scale factor 8, CLIP text
@@ -171,7 +171,7 @@ def write_tiny_model(target: str | Path, architecture: str = "tiny") -> Path:
         }
         (staged / "README.md").write_text(
             f"# {architecture} Stable Diffusion pipeline (random weights)\n\n"
-            f"Written by `python -m t2i_task.tiny_model --architecture {architecture}`, with seeded random weights "
+            f"Written by `python -m t2i_task.generation.tiny_model --architecture {architecture}`, with seeded random weights "
             f"(seed {SEED}): it produces noise, and exists so that the server, tests and benchmarks load a model "
             "through the real diffusers path without any download.\n\n"
             f"Parameters: {json.dumps(parameters)}\n"

@@ -4,7 +4,7 @@ Every method is one unit of work in its own transaction, so a failure leaves
 nothing half-written. Objects returned are detached snapshots (loaded with
 their rows) that stay readable after the transaction closes.
 
-Any SQLAlchemy URL works (t2i_task/database.py connects; t2i_task/schema.py
+Any SQLAlchemy URL works (t2i_task/storage/database.py connects; t2i_task/storage/schema.py
 keeps the schema current).
 """
 
@@ -13,9 +13,9 @@ from __future__ import annotations
 import functools
 import logging
 import time
-from datetime import datetime
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,9 @@ from sqlalchemy import Update, bindparam, case, insert, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
-from t2i_task import schema
-from t2i_task.database import connect
-from t2i_task.models import (
+from t2i_task.storage import schema
+from t2i_task.storage.database import connect
+from t2i_task.storage.tables import (
     GenerativeProcess,
     GenerativeSession,
     GenerativeSessionParameterHistory,
@@ -119,7 +119,7 @@ class Store:
         self.engine = connect(database_url)
         self.images_dir = Path(images_dir)
         self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
-        schema.upgrade(self.engine)  # Alembic migrations: t2i_task/migrations/
+        schema.upgrade(self.engine)  # Alembic migrations: t2i_task/storage/migrations/
 
     def close(self) -> None:
         self.engine.dispose()

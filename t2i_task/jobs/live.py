@@ -11,21 +11,26 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
 
 from PIL import Image
 
-from t2i_task.config import GenerationParameters
-from t2i_task.failures import ClientGone, QueueFull
-from t2i_task.models import RunStatus
-from t2i_task.scheduler import Priority
-from t2i_task.sizes import resized
-
-if TYPE_CHECKING:
-    from t2i_task.processes import Finished
+from t2i_task.config.settings import GenerationParameters
+from t2i_task.config.sizes import resized
+from t2i_task.jobs.failures import ClientGone, QueueFull
+from t2i_task.jobs.scheduler import Priority
+from t2i_task.storage.tables import RunStatus
 
 CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
+
+
+@dataclass
+class Finished:
+    """A process that ended FINISHED: its output rows and what its call gave besides the images."""
+
+    outputs: list[tuple[str, str]]  # (image file name, kind), as stored
+    previews: list[Image.Image] = field(default_factory=list)
+    prompt_tokens: int = 0
 
 
 @dataclass

@@ -28,8 +28,8 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from t2i_task.config import RuntimeConfig
-from t2i_task.previews import MAX_PARTIAL_IMAGES, decode_latents, preview_steps
+from t2i_task.config.settings import RuntimeConfig
+from t2i_task.generation.previews import MAX_PARTIAL_IMAGES, decode_latents, preview_steps
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""The database schema moves only by Alembic migrations (t2i_task/migrations/), run at start.
+"""The database schema moves only by Alembic migrations (t2i_task/storage/migrations/), run at start.
 
 `upgrade(engine)` brings any database this project ever made to the schema of
 this release, in place: a new one is built by the migrations, one made by
@@ -7,7 +7,7 @@ revision, which is that release's schema, then upgraded like any other. On
 PostgreSQL an advisory lock makes replicas that start together migrate one at
 a time; the others find the work done.
 
-A schema change is a new file in t2i_task/migrations/versions/ (`make migration
+A schema change is a new file in t2i_task/storage/migrations/versions/ (`make migration
 MESSAGE="..."` writes one from the models); tests/test_schema.py checks that
 the migrations build exactly the models' schema and that a 0.1.0 database
 upgrades with its data intact.

@@ -4,13 +4,13 @@ A denoising step's work grows with its pixels, so one image costs about
 `overhead_s + seconds_per_megapixel_step x megapixels x steps`, and a request
 of N images N times that (images are counted one after another: batching only
 makes them cheaper). `make calibrate` measures the two figures for the served
-model on the serving machine (t2i_task/calibrate.py) and stores them with the
+model on the serving machine (t2i_task/generation/calibrate.py) and stores them with the
 model's settings (`model.cost` in configuration.yaml).
 
 The server uses the figure twice: a request that cannot finish within the time
 a model call may take is refused at submission, naming the largest size and
-step count that would (config.py); and the scheduler hands the model no more
-work than it can finish within that time (scheduler.py).
+step count that would (settings.py); and the scheduler hands the model no more
+work than it can finish within that time (t2i_task/jobs/scheduler.py).
 """
 
 from __future__ import annotations

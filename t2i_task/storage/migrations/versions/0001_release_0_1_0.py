@@ -1,7 +1,7 @@
 """The schema of release 0.1.0, the last made without Alembic (Base.metadata.create_all).
 
 A database made by that release has these tables and no alembic_version: it is
-stamped with this revision, not re-created (t2i_task/schema.py).
+stamped with this revision, not re-created (t2i_task/storage/schema.py).
 
 Revision ID: 0001
 Revises:

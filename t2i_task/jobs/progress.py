@@ -1,11 +1,11 @@
 """How far running generations are: asked of the model, kept here, written for the other replicas.
 
 The model's worker records each job's denoising steps in its step callback
-(runner.py); `ProgressWatch.watch` asks it every `POLL_S` while processes of
+(t2i_task/generation/runner.py); `ProgressWatch.watch` asks it every `POLL_S` while processes of
 this replica are at the model, keeps the answer for this replica's routes, and
 writes it to the database every `WRITE_S`, so any replica answers with progress
 at most about a second old. The same answer says how many partial images each
-job has: a live call streaming them fetches the new ones (processes.py).
+job has: a live call streaming them fetches the new ones (live.py).
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from collections.abc import Awaitable, Callable, Collection
 
 from anyio import to_thread
 
-from t2i_task.models import GenerativeProcess, RunStatus
-from t2i_task.store import Store
+from t2i_task.storage.store import Store
+from t2i_task.storage.tables import GenerativeProcess, RunStatus
 
 log = logging.getLogger(__name__)
 

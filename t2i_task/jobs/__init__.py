@@ -1,0 +1,1 @@
+"""How work moves from a request to the model and back: queue, live calls, scheduler, progress; imports config, generation, storage, task."""
