@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 PORT ?= 3000
+CHROMIUM := /usr/bin/chromium
 # BentoML's usage tracking would try the network on every command.
 export BENTOML_DO_NOT_TRACK := True
 
@@ -27,16 +28,22 @@ $(INSTALLED): pyproject.toml requirements.txt integrations/dashai/pyproject.toml
 serve: install
 	$(VENV)/bin/bentoml serve service:TextToImageService --host 127.0.0.1 --port $(PORT)
 
-test: install
+test: install $(CHROMIUM)
 	$(PY) -m pytest
+
+# Debian's Chromium, which the browser tests drive with Playwright (tests/browser.py): Playwright
+# cannot download its own browsers on this project's machines. Installed once, as root.
+$(CHROMIUM):
+	apt-get install -y chromium || (apt-get update && apt-get install -y chromium)
 
 # DashAI 0.10.0 itself with the plugin, against this server (docs/dashai-plugin.md); not in
 # `make test`: DashAI's install is about 8 GB. Makes $(DASHAI_VENV) if missing (torch 2.14.1 and
 # torchvision 0.29.1, then dashai==0.10.0; minutes), reinstalls the plugin there, starts this
-# server and DashAI (port 8000), generates through DashAI's REST API, then stops this server and
-# checks DashAI's next process fails naming it. Prints timings; exits non-zero on any failure.
+# server and DashAI (port 8000), generates through DashAI's REST API, walks DashAI's own UI with the
+# plugin's model in Chromium (tests/dashai_walk.py), then stops this server and checks DashAI's next
+# process fails naming it. Prints timings; exits non-zero on any failure.
 DASHAI_VENV ?= .venv-dashai
-test-dashai: install
+test-dashai: install $(CHROMIUM)
 	$(PY) integrations/dashai/e2e.py --venv $(DASHAI_VENV)
 
 # The whole suite N times on a fresh clone of HEAD, with BUSY cores kept busy meanwhile:

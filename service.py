@@ -33,6 +33,7 @@ from PIL import Image
 from pydantic import BaseModel
 
 from t2i_task.api import dashai, dashai_components, dashai_jobs, openai
+from t2i_task.api.dashai_front_end import DashAIFrontEnd
 from t2i_task.api.backend import Backend
 from t2i_task.api.errors import install_error_handlers
 from t2i_task.api.guards import (
@@ -208,6 +209,8 @@ app = FastAPI(
 )
 for api in (dashai, dashai_jobs, dashai_components, openai):
     app.include_router(api.router)
+dashai_front_end = DashAIFrontEnd(settings.serving.dashai_front_end)  # at /app/, with its root assets
+dashai_front_end.install(app)
 install_error_handlers(app)
 
 
@@ -265,6 +268,7 @@ if settings.serving.cors_origins:
         CORSMiddleware, allow_origins=settings.serving.cors_origins, allow_methods=["*"], allow_headers=["*"],
         allow_credentials="*" not in settings.serving.cors_origins,
     )
-TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.serving.api_keys)
+TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.serving.api_keys,
+                                       public=dashai_front_end.is_public)
 TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes)
 TextToImageService.add_asgi_middleware(JsonRouteErrorsMiddleware)

@@ -15,6 +15,7 @@ from sqlalchemy.exc import OperationalError
 from t2i_task.generation.tiny_model import write_tiny_model
 from t2i_task.local_server import start_server, write_config
 from t2i_task.storage.store import Store
+from tests.browser import chromium
 from tests.gate import Gate
 
 POSTGRES_URL = os.environ.get("T2I_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -109,3 +110,10 @@ def http(server):
 def client(server):
     """The stock `openai` client, pointed at the server."""
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
+
+
+@pytest.fixture(scope="session")
+def browser():
+    """Debian's Chromium through Playwright, one for the whole run (tests/browser.py)."""
+    with chromium() as browser:
+        yield browser

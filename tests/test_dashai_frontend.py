@@ -1,4 +1,5 @@
-"""DashAI's own web front end against this server: its calls replayed in its order, with its bodies.
+"""DashAI's own web front end against this server: served at /app/ and walked in a real browser, and
+its calls replayed in its order, with its bodies.
 
 The calls, their shapes and the front end's behaviour (poll every 1.5 s, retry a
 taken session name with `_1`, delete a failed process) are those recorded in
@@ -14,7 +15,10 @@ import httpx
 import pytest
 from PIL import Image
 
+from t2i_task.api.dashai_front_end import build_folder
 from t2i_task.local_server import start_server, write_config
+from tests.browser import SCREENSHOTS
+from tests.dashai_walk import walk_generative_chat
 from tests.gate import wait_for
 
 TASK = "TextToImageGenerationTask"
@@ -94,15 +98,17 @@ def test_the_text_to_image_chat_end_to_end(ui, dashai_server):
     assert ui.get(f"/v1/component/{model['name']}/").json() == model
     assert ui.get(f"/v1/component/{model['name']}/download").json() == {"downloaded": True,
                                                                         "requires_download": False}
-    # An optional text shows "" (the front end's form refuses null), in the branch the front end keeps too.
+    # An optional text starts blank and offers null first: the front end's form then shows no field in red
+    # (tests/dashai_walk.py) and keeps the null the server stores for an empty one.
     negative = model["schema"]["properties"]["negative_prompt"]
-    assert negative["placeholder"] == "" and negative["anyOf"][0]["placeholder"] == ""
+    assert negative["placeholder"] == " " and [option["type"] for option in negative["anyOf"]] == ["null", "string"]
     width = model["schema"]["properties"]["width"]
     assert (width["placeholder"], width["minimum"], width["maximum"]) == (32, 32, 2048)
     assert model["schema"]["properties"]["device"]["placeholder"] == "CPU"
 
     session = create_session_as_the_ui_does(ui, "chat", model)
     assert session["parameters"]["device"] == "CPU" and session["parameters"]["width"] == 32
+    assert session["parameters"]["negative_prompt"] is None, "a blank one is stored as none"
     assert create_session_as_the_ui_does(ui, "chat", model)["name"] == "chat_1"  # the UI's retry on 409
 
     process = ask(ui, session["id"], "a red circle on a blue background")
@@ -178,3 +184,53 @@ def test_browsers_preflight_from_the_allowed_origin_only(dashai_server):
     other = httpx.options(f"{dashai_server.url}/api/v1/generative-session/1/parameters",
                           headers={"Origin": "http://elsewhere.example", **preflight})
     assert "access-control-allow-origin" not in other.headers
+
+
+def test_dashais_front_end_is_served_at_app_with_its_root_assets(dashai_server):
+    built = build_folder()
+    assert built is not None, "make install installs the dashai package (its built front end)"
+    with httpx.Client(base_url=dashai_server.url, timeout=60) as http:
+        assert http.get("/app").headers["location"] == "/app/"
+        for path in ("/app/", "/app/generative/sessions/12"):  # React Router owns every path under /app/
+            page = http.get(path)
+            assert page.status_code == 200 and page.text == (built / "index.html").read_text()
+            assert page.headers["cache-control"] == "no-cache"
+        script = next((built / "static" / "js").glob("main.*.js"))
+        assert f'src="/static/js/{script.name}"' in page.text
+        asset = http.get(f"/static/js/{script.name}")
+        assert asset.status_code == 200 and asset.headers["content-type"].startswith("text/javascript")
+        assert http.get("/manifest.json").json()["short_name"]
+        assert http.get("/static/js/none.js").status_code == 404
+        assert http.get("/not-dashais.txt").status_code == 404, "nothing else is served at the root"
+
+
+def test_a_dashai_user_walks_the_generative_chat_in_a_real_browser(browser, dashai_server):
+    """Open, Generative, new session, task and model, create, prompt, picture, UPDATE, second prompt, rename,
+    delete: no error toast, no field in red at any step, no console error but DashAI's own (tests/dashai_walk.py)."""
+    walk = walk_generative_chat(browser, f"{dashai_server.url}/app/", task="Text to Image",
+                                model="shapes-32", screenshots=SCREENSHOTS / "dashai-app")
+    assert walk.problems == []
+    deleted = httpx.get(f"{dashai_server.url}/api/v1/generative-session/{walk.session_id}", timeout=60)
+    assert deleted.status_code == 404, "deleted through the UI"
+
+
+@pytest.mark.parametrize(("installed", "enabled", "says"), [
+    (False, True, "not installed on this server: install the dashai package"),
+    (True, False, "turned off on this server (serving.dashai_front_end)"),
+])
+def test_without_dashais_front_end_app_is_a_404_that_says_why(monkeypatch, tmp_path, installed, enabled, says):
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from t2i_task.api import dashai_front_end
+    from t2i_task.api.errors import install_error_handlers
+
+    (tmp_path / "index.html").write_text("<html></html>")
+    monkeypatch.setattr(dashai_front_end, "build_folder", lambda: tmp_path if installed else None)
+    app = FastAPI()
+    front_end = dashai_front_end.DashAIFrontEnd(enabled)
+    front_end.install(app)
+    install_error_handlers(app)
+    answer = TestClient(app).get("/app/generative")
+    assert answer.status_code == 404 and says in answer.json()["detail"]
+    assert not front_end.is_public("/app/generative"), "no page to load: the API keys guard it like any path"

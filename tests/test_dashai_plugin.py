@@ -74,6 +74,19 @@ def test_dashai_finds_the_plugin_as_a_ready_text_to_image_model():
     assert not any("key" in name for name in properties), "the API key must never be a form field"
 
 
+def test_optional_texts_start_blank_with_null_first_and_a_blank_means_none():
+    """DashAI's front end shows a text box holding "" in red and flattens [text, null] into a box that refuses
+    null; DashAI stores the form's values as they are (`make test-dashai` walks it in a browser)."""
+    properties = InferenceServerModel.get_schema()["properties"]
+    for name in ("model", "negative_prompt"):
+        assert properties[name]["placeholder"] == " ", name
+        assert [option["type"] for option in properties[name]["anyOf"]] == ["null", "string"], name
+    blank = model("http://127.0.0.1:1", model=" ", negative_prompt=" ")
+    assert blank.model is None and "negative_prompt" not in blank.parameters
+    chosen = model("http://127.0.0.1:1", model="shapes-32", negative_prompt="blurry")
+    assert chosen.model == "shapes-32" and chosen.parameters["negative_prompt"] == "blurry"
+
+
 def test_the_form_takes_the_servers_limits_and_defaults(plugin_server, monkeypatch):
     monkeypatch.setenv("T2I_SERVER_URL", plugin_server.url)
     form = server_form()

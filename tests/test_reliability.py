@@ -163,6 +163,11 @@ def test_api_keys_guard_every_route_but_the_probes_and_never_reach_the_log(tiny_
                 assert response.headers["www-authenticate"] == "Bearer" and response.json()
         for path in ("/livez", "/readyz"):
             assert httpx.get(server.url + path).status_code == 200
+        # DashAI's front end loads without a key (a page and its assets cannot send one); its API calls need one.
+        for path in ("/app/", "/app/generative", "/manifest.json"):
+            assert httpx.get(server.url + path).status_code == 200, path
+        for path in ("/application", "/manifest.json/x", "/static"):
+            assert httpx.get(server.url + path).status_code == 401, path
         assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer second-key"}).status_code == 200
 
         client = openai.OpenAI(base_url=f"{server.url}/v1", api_key=key, max_retries=0)

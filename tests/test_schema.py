@@ -87,3 +87,33 @@ def test_a_database_shared_with_dashais_own_migrations_keeps_them_apart(database
             assert connection.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "dashai_rev_42"
     finally:
         store.close()
+
+
+def test_an_empty_negative_prompt_stored_before_0003_becomes_null(database_url, tmp_path):
+    """DashAI's parameter panel shows a stored "" in red: sessions and their history saved as "" read null
+    after the upgrade, and their other values are untouched."""
+    from alembic import command
+
+    from t2i_task.storage.schema import alembic_config
+
+    engine = create_engine(database_url)
+    with engine.begin() as connection:
+        command.upgrade(alembic_config(connection), "0002")
+        connection.exec_driver_sql(
+            "INSERT INTO generative_session (id, created, last_modified, task_name, model_name, parameters, name) "
+            "VALUES (1, '2026-12-01 10:00:00', '2026-12-01 10:00:00', 'TextToImageGenerationTask', 'shapes-32', "
+            """'{"negative_prompt": "", "seed": 7, "name": ""}', 'empty'), """
+            "(2, '2026-12-01 10:00:00', '2026-12-01 10:00:00', 'TextToImageGenerationTask', 'shapes-32', "
+            """'{"negative_prompt": "blurry", "seed": 8}', 'set')""")
+        connection.exec_driver_sql(
+            "INSERT INTO parameter_history (id, session_id, parameters, modified_at) VALUES "
+            """(1, 1, '{"negative_prompt": "", "seed": 7}', '2026-12-01 10:00:00')""")
+    engine.dispose()
+
+    store = Store(database_url, tmp_path / "images")
+    try:
+        assert store.get_session(1).parameters == {"negative_prompt": None, "seed": 7, "name": ""}
+        assert store.get_session(2).parameters == {"negative_prompt": "blurry", "seed": 8}
+        assert [entry.parameters for entry in store.get_parameter_history(1)] == [{"negative_prompt": None, "seed": 7}]
+    finally:
+        store.close()

@@ -17,7 +17,11 @@ Run with the project's .venv (it starts this server with t2i_task.local_server):
    plugin's model is listed as ready, a session with it (the form's values), a
    process with a prompt, `POST /api/v1/job/` (GenerativeJob), polling until
    status 3, the picture from `/api/v1/generative-process/file/{name}`.
-5. This server stopped, DashAI's next process must end in status 4 with
+5. DashAI's own front end (its `/app/`) in Chromium, the same walk as the suite's
+   against this server (tests/dashai_walk.py) with the plugin's model: a session,
+   two prompts and their pictures, a parameter UPDATE, rename, delete; no error
+   toast, no field in red, no console error but DashAI's own.
+6. This server stopped, DashAI's next process must end in status 4 with
    "Error details: " and the server's address in its output.
 
 Prints a summary with timings; exits 1 on any failure. Stops DashAI and the
@@ -48,6 +52,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 from t2i_task.local_server import Server, start_server, write_config
+from tests.browser import SCREENSHOTS, chromium
+from tests.dashai_walk import walk_generative_chat
 
 PLUGIN_DIR = ROOT / "integrations" / "dashai"
 DASHAI = "http://127.0.0.1:8000"  # DashAI's port is fixed
@@ -289,6 +295,17 @@ def run(args: argparse.Namespace) -> dict:
             args.keep_picture.write_bytes(picture.content)
         say(f"process {process['id']} finished in {timings['generation_s']:.1f} s: {facts['picture']}")
 
+        # DashAI's own front end in a browser, the plugin's model picked in its gallery: the same walk
+        # as tests/test_dashai_frontend.py's against this server's /app/.
+        started = time.monotonic()
+        with chromium() as browser:
+            walk = walk_generative_chat(browser, f"{DASHAI}/app/", task="Text to Image", model=facts["display_name"],
+                                        screenshots=SCREENSHOTS / "dashai-plugin", name_prefix="plugin")
+        timings["ui_walk_s"] = time.monotonic() - started
+        check(not walk.problems, "DashAI's UI with the plugin: " + "; ".join(walk.problems))
+        say(f"DashAI's UI walked in Chromium in {timings['ui_walk_s']:.1f} s (steps at {walk.timings}), no error "
+            f"toast, no field in red; screenshots in {SCREENSHOTS / 'dashai-plugin'}")
+
         # The server gone: DashAI's next process ends in ERROR, naming the address.
         server_url = server.url
         server.stop()
@@ -348,6 +365,8 @@ def main() -> int:
         f"  DashAI start:            {timings['dashai_start_s']:.1f} s (until its API answers)",
         f"  generation via DashAI:   {timings['generation_s']:.1f} s (process, job, polling every {POLL_S} s)",
         f"  picture:                 {facts['picture']}",
+        f"  DashAI's UI in Chromium: {timings['ui_walk_s']:.1f} s (session, 2 prompts, UPDATE, rename, delete;"
+        " no error toast, no field in red)",
         f"  server stopped:          status 4 in {timings['error_s']:.1f} s",
         f"    DashAI stored:         {facts['error_stored']}",
         f"    DashAI shows:          {facts['error_shown']}",

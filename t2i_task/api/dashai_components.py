@@ -38,14 +38,23 @@ def devices() -> list[str]:
     return ["CPU", *(f"GPU {i}: {torch.cuda.get_device_name(i)}" for i in range(torch.cuda.device_count()))]
 
 
+# DashAI 0.10.0's forms mark a text box holding "" as "a required field" (in red), and its
+# session-creation form starts each field at its `placeholder`, or at "" when that is null. So an
+# optional text starts as a blank (" "; the server stores "" or a blank as null, meaning none), and
+# its null option comes first: given [text, null], the form flattens the field into a text box
+# whose validation refuses the null the server stores, so UPDATE would fail.
+BLANK = " "
+
+
 def _form_property(schema: dict[str, Any], default: Any) -> dict[str, Any]:
-    """One form field as pydantic writes it, showing the default as `placeholder`. An empty
-    optional text is "" there, as in DashAI's own models: its form refuses a null one."""
-    shown = "" if default is None else default
-    field = schema | {"default": shown, "placeholder": shown}
-    if "anyOf" in field:  # the front end keeps only the non-null branch: it needs the placeholder too
-        field["anyOf"] = [option if option.get("type") == "null" else option | {"default": shown, "placeholder": shown}
-                          for option in field["anyOf"]]
+    """One form field as pydantic writes it, showing the default as `placeholder` (DashAI's
+    front end starts its form there)."""
+    field = schema | {"default": default, "placeholder": default}
+    options = schema.get("anyOf", [])
+    if any(option.get("type") == "null" for option in options):
+        field["anyOf"] = sorted(options, key=lambda option: option.get("type") != "null")
+        if default is None:
+            field["placeholder"] = BLANK
     return field
 
 
@@ -73,7 +82,7 @@ def task_component() -> dict[str, Any]:
         "class": TASK_NAME,
         "parent": None,
         "description": "Generate images from a text prompt with a diffusion model.",
-        "display_name": "Text to Image Generation",
+        "display_name": "Text to Image",  # as DashAI names its task
         "configurable_object": False,
         "schema": {},
         "downloaded": True,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from starlette.exceptions import HTTPException
 
@@ -89,16 +89,18 @@ def describe(exc: Exception) -> str:
 class ApiKeyMiddleware:
     """Requires `Authorization: Bearer <key>` (what the openai client sends) when keys are configured.
 
-    Probes stay open so orchestrators need no secret. Keys are compared in
+    Probes stay open so orchestrators need no secret, and so do the paths `public` names (a
+    web page and its assets, which a browser loads without a header). Keys are compared in
     constant time and never logged.
     """
 
-    def __init__(self, app, keys: Iterable[str]) -> None:
+    def __init__(self, app, keys: Iterable[str], public: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys if key]
+        self.public = public
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS:
+        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS or self.public(scope["path"]):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, presented = header.partition(b" ")

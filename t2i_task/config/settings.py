@@ -14,10 +14,10 @@ import functools
 import os
 import socket
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator, model_validator
 
 from t2i_task.config.cost import HEADROOM, GenerationCost, largest_square
 from t2i_task.config.sizes import DrawnSizes
@@ -107,6 +107,11 @@ class ServingConfig(_Section):
     )
     max_attempts: int = Field(default=3, ge=1, description="Starts of one process before an interrupted one is given up.")
     drain_timeout_s: float = Field(default=30, ge=0, description="On SIGTERM, how long running generations may finish.")
+    dashai_front_end: bool = Field(
+        default=True,
+        description="Serve DashAI's own web front end at /app/ when the dashai package is installed "
+        "(t2i_task/api/dashai_front_end.py).",
+    )
 
 
 class LimitsConfig(_Section):
@@ -151,6 +156,13 @@ class GenerationParameters(_Section):
     height: int = Field(default=512, ge=8, multiple_of=8, description="Image height in pixels, a multiple of 8.")
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1, description="-1 draws a random seed, returned with the image.")
     num_images_per_prompt: int = Field(default=1, ge=1, description="Images made for the prompt.")
+
+    @field_validator("negative_prompt", mode="before")
+    @classmethod
+    def _blank_means_none(cls, value: Any) -> Any:
+        # Stored as null: DashAI's forms send "" (or the form's blank) for an empty box, and its
+        # parameter panel shows a stored "" as a required field left empty (in red).
+        return None if isinstance(value, str) and not value.strip() else value
 
 
 @functools.lru_cache

@@ -22,7 +22,7 @@ from DashAI.back.core.schema_fields.base_schema import BaseSchema
 from DashAI.back.core.utils import MultilingualString
 from DashAI.back.models.text_to_image_generation_model import TextToImageGenerationTaskModel
 from PIL import Image
-from pydantic import create_model
+from pydantic import Field, create_model
 
 from dashai_t2i_server.client import InferenceServer, ServerError, configured_url
 
@@ -40,6 +40,12 @@ SHIPPED_FORM: dict[str, dict[str, Any]] = {
     "num_images_per_prompt": {"minimum": 1, "maximum": 4, "placeholder": 1},
 }
 GENERATION_FIELDS = tuple(SHIPPED_FORM)
+# How an optional text starts in DashAI's form. DashAI 0.10.0's front end marks a text box holding ""
+# as "a required field" (in red) and starts each field at its placeholder, or at "" when there is
+# none; DashAI stores the form's values as they are. So an optional text starts as a blank (" "),
+# which means none here, and offers its null option first: given [text, null], the front end
+# flattens the field into a plain text box whose validation refuses null.
+BLANK = " "
 
 DESCRIPTIONS = {
     "server_url": "Address of the t2i-task inference server that makes the images (default: T2I_SERVER_URL "
@@ -82,23 +88,35 @@ def build_schema(form: dict[str, dict[str, Any]]) -> type[BaseSchema]:
         spec = form[name]
         return _field(kind, name, spec, ge=spec.get("minimum"), le=spec.get("maximum"), **extra), ...
 
-    def text(name: str, placeholder: str):
-        return Optional[_field(string_field, name, {"placeholder": placeholder})], None
+    def text(name: str):
+        return Optional[_field(string_field, name, {"placeholder": BLANK})], Field(default=None,
+                                                                                  json_schema_extra=null_first)
 
     return create_model(
         "InferenceServerSchema",
         __base__=BaseSchema,
         __doc__="A text-to-image model served by a t2i-task inference server, and its generation parameters.",
         server_url=(_field(string_field, "server_url", {"placeholder": configured_url()}), configured_url()),
-        model=text("model", ""),
+        model=text("model"),
         num_inference_steps=bounded("num_inference_steps", int_field),
         guidance_scale=bounded("guidance_scale", float_field),
-        negative_prompt=text("negative_prompt", ""),
+        negative_prompt=text("negative_prompt"),
         width=bounded("width", int_field, multiple_of=8),
         height=bounded("height", int_field, multiple_of=8),
         seed=bounded("seed", int_field),
         num_images_per_prompt=bounded("num_images_per_prompt", int_field),
     )
+
+
+def null_first(schema: dict[str, Any]) -> None:
+    """An optional text's form field: its null option first, starting blank (see BLANK)."""
+    schema["anyOf"].sort(key=lambda option: option.get("type") != "null")
+    schema["placeholder"] = BLANK
+
+
+def blank_is_none(value: Any) -> Any:
+    """An empty or blank text (the form's BLANK) means none."""
+    return None if isinstance(value, str) and not value.strip() else value
 
 
 class InferenceServerModel(TextToImageGenerationTaskModel):
@@ -128,8 +146,9 @@ class InferenceServerModel(TextToImageGenerationTaskModel):
             os.environ.get("T2I_API_KEY"),
             max_wait_s=float(os.environ.get("T2I_MAX_WAIT_S") or 1800),
         )
-        self.model = params.get("model") or None
-        self.parameters = {name: params[name] for name in GENERATION_FIELDS if params.get(name) is not None}
+        self.model = blank_is_none(params.get("model"))
+        self.parameters = {name: value for name in GENERATION_FIELDS
+                           if (value := blank_is_none(params.get(name))) is not None}
 
     def generate(self, input: str) -> list[Image.Image]:
         """The server's images for the prompt, in order. Raises ServerError with a sentence to show."""
