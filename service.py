@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 import aiohttp
@@ -159,9 +159,10 @@ class DiffusionClient:
     BentoML's client between the two services (looked up at each call: BentoML sets it up
     after the API service is built)."""
 
-    def __init__(self, service: Callable[[], Any], max_batch: int, calls_in_flight: int) -> None:
+    def __init__(self, service: Callable[[], Any], max_batch: int, calls_in_flight: int,
+                 sent: Callable[[list[GenerationRequest]], Awaitable[None]]) -> None:
         self.service = service
-        self.calls = CallBatcher(self._generate, max_batch, calls_in_flight)
+        self.calls = CallBatcher(self._generate, max_batch, calls_in_flight, sent=sent)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request, in the next call to the model's batcher (t2i_task/jobs/model_calls.py)."""
@@ -226,7 +227,8 @@ class TextToImageService:
         store = Store(settings.storage.database_url, settings.storage.images_dir)
         task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
         self.queue = ProcessQueue(store, task, settings, DiffusionClient(
-            lambda: self.diffusion, settings.batching.max_batch_size, settings.batching.calls_in_flight))
+            lambda: self.diffusion, settings.batching.max_batch_size, settings.batching.calls_in_flight,
+            sent=lambda requests: self.queue.calls_sent(requests)))  # their processes are started then
         self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None

@@ -289,6 +289,60 @@ def test_a_seed_gives_the_same_image_alone_and_inside_a_batch(server, gate, clie
     assert np.abs(alone - loaded[8]).max() > 10
 
 
+def hand_over_behind_a_running_call(server, gate, http, name: str) -> tuple[dict, dict]:
+    """Two DashAI processes: the first held in the pipeline, the second handed to the model client
+    and waiting there for the next call (the model has room: the scheduler let it go)."""
+    sid = create_session(http, name, width=64, height=64, num_inference_steps=2)["id"]
+
+    def submit(prompt):
+        created = http.post("/api/v1/generative-process/", json={"session_id": sid, "input": [prompt]})
+        assert created.status_code == 201, created.text
+        return created.json()
+
+    running = submit(f"{name}: running")
+    gate.wait_until_held()
+    waiting = submit(f"{name}: waiting")
+    wait_until_queued_at_model(server.url, 2)
+    return running, waiting
+
+
+def test_a_process_is_stamped_started_when_its_call_is_sent_and_not_before(server, gate, http):
+    with gate.closed():
+        running, waiting = hand_over_behind_a_running_call(server, gate, http, "stamped")
+        sent = http.get(f"/api/v1/generative-process/{running['id']}").json()
+        assert sent["status"] == 2 and sent["start_time"] is not None
+        handed_over = http.get(f"/api/v1/generative-process/{waiting['id']}").json()
+        assert handed_over["status"] == 1 and handed_over["start_time"] is None
+
+        cancelled = http.post(f"/api/v1/generative-process/{waiting['id']}/cancel")
+        assert cancelled.status_code == 202
+        ended = cancelled.json()
+        assert ended["status"] == 4 and ended["start_time"] is None
+        assert [row["data"] for row in ended["output"]] == ["Error details: cancelled"]
+        job = http.get(f"/api/v1/job/{waiting['id']}").json()
+        assert job["status"] == "cancelled" and job["error_msg"] is None
+    assert wait_until_ended(http, running["id"])["status"] == 3
+    assert http.get(f"/api/v1/generative-process/{waiting['id']}").json()["start_time"] is None
+
+
+def test_dashais_job_delete_cancels_like_the_process_cancel(server, gate, http):
+    with gate.closed():
+        running, waiting = hand_over_behind_a_running_call(server, gate, http, "job-delete")
+        assert http.delete(f"/api/v1/job/{waiting['id']}").status_code == 204
+        ended = http.get(f"/api/v1/generative-process/{waiting['id']}").json()
+        assert ended["status"] == 4 and ended["start_time"] is None
+        assert [row["data"] for row in ended["output"]] == ["Error details: cancelled"]
+        assert http.get(f"/api/v1/job/{waiting['id']}").json()["status"] == "cancelled"
+        again = http.delete(f"/api/v1/job/{waiting['id']}")
+        assert again.status_code == 409 and "already ended" in again.json()["detail"]
+        assert http.delete("/api/v1/job/999999").status_code == 404
+        # DashAI's "clear all": the running one too; it stops at its next step.
+        assert http.delete("/api/v1/job/all").json() == {"cancelled": 1}
+    assert wait_until_ended(http, running["id"])["status"] == 4
+    assert http.get(f"/api/v1/job/{running['id']}").json()["status"] == "cancelled"
+    assert http.delete("/api/v1/job/all").json() == {"cancelled": 0}
+
+
 def test_unknown_routes_and_methods_get_json_errors(http):
     assert http.get("/api/v1/nothing").status_code == 404
     assert http.get("/api/v1/nothing").json()["detail"] == "No route /api/v1/nothing."

@@ -13,11 +13,13 @@ import json
 from datetime import UTC, datetime
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Request, Response
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.dashai import MAX_ID, RowId, read_form_or_json
 from t2i_task.api.errors import ApiError
+from t2i_task.jobs.failures import ProcessEnded
+from t2i_task.jobs.processes import CANCELLED
 from t2i_task.storage.store import ERROR_PREFIX, ProcessNotFound
 from t2i_task.storage.tables import GenerativeProcess, RunStatus
 
@@ -32,6 +34,7 @@ JOB_STATUS = {
     RunStatus.FINISHED: "finished",
     RunStatus.ERROR: "error",
 }
+CANCELLED_OUTPUT = ERROR_PREFIX + CANCELLED  # a cancelled process ends ERROR with this row; its job is "cancelled"
 # DashAI's own timestamp format for `since` and `cursor`: UTC, milliseconds, no zone.
 DASHAI_TIME = "%Y-%m-%d %H:%M:%S.%f"
 
@@ -42,6 +45,7 @@ def _dashai_time(moment: datetime | None) -> str | None:
 
 def job_json(backend: Backend, process: GenerativeProcess) -> dict[str, Any]:
     error = next((row.data for row in process.output if row.data.startswith(ERROR_PREFIX)), None)
+    cancelled = error == CANCELLED_OUTPUT
     steps = backend.queue.progress.of(process)
     return {
         "id": process.id,
@@ -49,9 +53,9 @@ def job_json(backend: Backend, process: GenerativeProcess) -> dict[str, Any]:
         "job_name": f"Generative process {process.id}",
         "generative_process_id": process.id,
         "enqueued_at": _dashai_time(process.delivery_time or process.created),
-        "status": JOB_STATUS[process.status],
+        "status": "cancelled" if cancelled else JOB_STATUS[process.status],
         "last_update": _dashai_time(process.last_modified),
-        "error_msg": error.removeprefix(ERROR_PREFIX) if error else None,
+        "error_msg": error.removeprefix(ERROR_PREFIX) if error and not cancelled else None,
         # DashAI's job progress: a percentage and a line to show beside it.
         "progress": 100 if process.status is RunStatus.FINISHED else (100 * steps[0] // steps[1] if steps else None),
         "progress_message": f"step {steps[0]}/{steps[1]}" if steps else None,
@@ -107,6 +111,33 @@ async def job_changes(backend: BackendDep, since: str | None = None) -> dict[str
         "queue_empty": not backend.queue.pending and not backend.queue.answering,
         "recently_completed": any(p.status in (RunStatus.FINISHED, RunStatus.ERROR) for p in changed),
     }
+
+
+@router.delete("/api/v1/job/all")
+async def cancel_all_jobs(backend: BackendDep) -> dict[str, int]:
+    """DashAI's "clear all jobs": every queued or running process is cancelled (live OpenAI calls, whose
+    clients hold them, are left to them); answers how many."""
+    cancelled = 0
+    for process in await backend.db(backend.store.list_unended_processes):
+        try:
+            await backend.queue.cancel(process.id)
+        except (ProcessEnded, ProcessNotFound):  # ended meanwhile, or a live call
+            continue
+        cancelled += 1
+    return {"cancelled": cancelled}
+
+
+@router.delete("/api/v1/job/{job_id}", status_code=204)
+async def cancel_job(job_id: RowId, backend: BackendDep) -> Response:
+    """DashAI's job cancel: the same as `POST /api/v1/generative-process/{id}/cancel` (409 once it has
+    ended; the process and its images stay, as DashAI keeps a process whose job is removed)."""
+    try:
+        await backend.queue.cancel(job_id)
+    except ProcessNotFound as exc:
+        raise ApiError(404, f"Job with ID {job_id} does not exist.") from exc
+    except ProcessEnded as exc:
+        raise ApiError(409, str(exc)) from exc
+    return Response(status_code=204)
 
 
 @router.get("/api/v1/job/{job_id}")

@@ -26,9 +26,12 @@ Result = TypeVar("Result")
 
 
 class CallBatcher(Generic[Request, Result]):
+    """`sent`, if given, learns of each call as it goes (it must not raise): it runs beside the
+    call, never delaying it, and the call's callers get their results once it is done too."""
+
     def __init__(self, call: Callable[[list[Request]], Awaitable[Sequence[Result]]], max_batch: int,
-                 max_in_flight: int = 2) -> None:
-        self.call, self.max_batch, self.max_in_flight = call, max_batch, max_in_flight
+                 max_in_flight: int = 2, sent: Callable[[list[Request]], Awaitable[None]] | None = None) -> None:
+        self.call, self.max_batch, self.max_in_flight, self.sent = call, max_batch, max_in_flight, sent
         self.waiting: deque[tuple[Request, asyncio.Future]] = deque()
         self.in_flight = 0
         self._calls: set[asyncio.Task] = set()
@@ -62,8 +65,14 @@ class CallBatcher(Generic[Request, Result]):
 
     async def _run(self, batch: list[tuple[Request, asyncio.Future]]) -> None:
         waiting = [future for _, future in batch]
+        requests = [request for request, _ in batch]
+        noting = asyncio.ensure_future(self.sent(requests)) if self.sent else None
         try:
-            results = await self.call([request for request, _ in batch])
+            try:
+                results = await self.call(requests)
+            finally:
+                if noting is not None:
+                    await asyncio.shield(noting)
         except Exception as exc:  # every caller of the call gets its failure
             for future in waiting:
                 if not future.done():

@@ -1,6 +1,7 @@
 """Stored processes, run to their end: the queue between the HTTP routes and the model.
 
-A process is stored DELIVERED, started when a model slot is free, and ends
+A process is stored DELIVERED, started when the call to the model that carries
+it is sent (the scheduler hands it over when the model has room), and ends
 FINISHED with its images or ERROR with the reason. This module also keeps that
 promise across failures: it admits no more work than it can queue, re-queues
 what this instance had in hand when it last stopped (or lost track of during a
@@ -54,7 +55,8 @@ class Model(Protocol):
     """The model service as the queue uses it."""
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """One request through the batcher; ModelUnavailable if the service is gone."""
+        """One request through the batcher, which calls `ProcessQueue.calls_sent` as the call
+        carrying it goes; ModelUnavailable if the service is gone."""
 
     async def cancel(self, jobs: list[int]) -> None:
         """Tell the running call these jobs are cancelled (it stops if nothing else in it is wanted)."""
@@ -91,6 +93,7 @@ class ProcessQueue(LiveCalls):
         self.answering = 0  # synchronous generations (OpenAI calls) admitted and not yet answered
         self.in_hand: set[int] = set()  # their process ids, once stored
         self.at_model: set[int] = set()  # processes whose call the model service holds
+        self.unsent: set[int] = set()  # handed to the model client, their call not sent yet: not started
         self.cancelling: set[int] = set()  # processes being cancelled: they end ERROR "cancelled"
         # Held while new processes are stored and registered, and while the
         # sweep decides what is lost: the sweep never takes a process that is
@@ -194,12 +197,13 @@ class ProcessQueue(LiveCalls):
             )
             async with self.scheduler.slot(self.cost_s(params), priority):
                 if process.status is not RunStatus.STARTED:  # a live call may be stored started
-                    await self.db(self.store.start_process, process.id)
-                started = True
+                    self.unsent.add(process.id)  # started when its call is sent (calls_sent)
                 self.at_model.add(process.id)
                 try:
                     generated = await self.model.generate(request)
                 finally:
+                    started = process.id not in self.unsent
+                    self.unsent.discard(process.id)
                     self.at_model.discard(process.id)
                     self.progress.forget(process.id)
             if generated.error:
@@ -239,6 +243,18 @@ class ProcessQueue(LiveCalls):
             except Exception:  # already ended, or the database gone: the sweep retries
                 log.exception("could not record the outcome of process %s", process.id)
             raise
+
+    async def calls_sent(self, requests: list[GenerationRequest]) -> None:
+        """A call to the model has just been sent with these requests: their processes are stamped
+        started (status 2, start time) in one write, beside the call; one cancelled before its call
+        was sent never gets a start time."""
+        sent = [request.job for request in requests if request.job in self.unsent]
+        self.unsent.difference_update(sent)
+        if sent:
+            try:
+                await self.db(self.store.start_processes, sent)
+            except Exception as exc:  # the database away: they run all the same, and end as they end
+                log.warning("could not mark processes %s started: %s", sent, type(exc).__name__)
 
     async def cancel(self, process_id: int) -> GenerativeProcess:
         """End a process as ERROR "cancelled": a queued one never starts, a running one's images

@@ -81,6 +81,14 @@ def _move_to(status: RunStatus) -> Update:
             .values(changes))
 
 
+_NOW = bindparam("now", type_=_PROCESSES.c.last_modified.type)
+_START_SENT = (update(_PROCESSES)
+               .where(_PROCESSES.c.id.in_(bindparam("ids", expanding=True)),
+                      _PROCESSES.c.status == RunStatus.DELIVERED)
+               .values(status=RunStatus.STARTED, last_modified=_NOW, start_time=_NOW,
+                       attempts=_PROCESSES.c.attempts + 1))
+
+
 class StoreError(Exception):
     """Base class of the store's errors."""
 
@@ -228,6 +236,13 @@ class Store:
                 query = query.where(GenerativeProcess.last_modified > changed_since)
             return list(db.scalars(query))
 
+    def list_unended_processes(self) -> list[GenerativeProcess]:
+        """Every process not yet FINISHED or ERROR, oldest first."""
+        with self._sessionmaker() as db:
+            query = select(GenerativeProcess).where(GenerativeProcess.status.not_in(
+                (RunStatus.FINISHED, RunStatus.ERROR)))
+            return list(db.scalars(query.order_by(GenerativeProcess.id)))
+
     def get_parameter_history(self, session_id: int) -> list[GenerativeSessionParameterHistory]:
         with self._sessionmaker() as db:
             return list(self._load_session(db, session_id, with_history=True).parameter_history)
@@ -292,6 +307,13 @@ class Store:
 
     def start_process(self, process_id: int) -> None:
         self._move(process_id, RunStatus.STARTED)
+
+    def start_processes(self, process_ids: Sequence[int]) -> None:
+        """Mark queued processes STARTED (their start time, one attempt more) in one transaction:
+        those whose model call has just been sent. One that has ended meanwhile (cancelled) or
+        that was stored started is left as it is."""
+        with self.engine.begin() as db:
+            db.execute(_START_SENT, {"ids": list(process_ids), "now": utcnow()})
 
     def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]]) -> None:
         """Attach the output rows and mark the process FINISHED, together."""
