@@ -112,8 +112,9 @@ def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=120, max_retries=0)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
-    """Debian's Chromium through Playwright, one for the whole run (tests/browser.py)."""
+    """Debian's Chromium through Playwright (tests/browser.py), one per test module: Playwright's sync
+    API keeps an event loop running while it is open, which would stop later modules' asyncio tests."""
     with chromium() as browser:
         yield browser
