@@ -105,14 +105,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=None, help="default: configuration.yaml's")
     parser.add_argument("--guidance", type=float, default=None, help="default: configuration.yaml's")
     parser.add_argument("--seed", type=int, default=2026, help="picks the prompts and seeds")
+    parser.add_argument("--size", type=int, default=None, help="default: the side the model was trained at")
     parser.add_argument("--card", action="store_true", help="rewrite the scores section of MODEL/README.md")
     args = parser.parse_args(argv)
 
     defaults = load_settings().defaults
     steps = args.steps or defaults.num_inference_steps
     guidance = defaults.guidance_scale if args.guidance is None else args.guidance
-    size = defaults.width
     runner = DiffusionRunner(str(args.model), RuntimeConfig(device="cpu"))
+    size = args.size or runner.pipeline.vae.config.sample_size  # the pictures its autoencoder was trained on
     cases = unseen_prompts(args.images, args.seed)
     started = time.monotonic()
     judged = generate_and_judge(runner, cases, steps, guidance, size)
