@@ -43,7 +43,8 @@ from t2i_task.api.guards import (
     JsonRouteErrorsMiddleware,
 )
 from t2i_task.config.settings import load_settings
-from t2i_task.generation.runner import DiffusionRunner, GenerationRequest, GenerationResult
+from t2i_task.generation.pool import ModelPool
+from t2i_task.generation.runner import GenerationRequest, GenerationResult
 from t2i_task.jobs.failures import ModelUnavailable
 from t2i_task.jobs.model_calls import CallBatcher
 from t2i_task.jobs.processes import ProcessQueue
@@ -62,8 +63,21 @@ REQUESTS_AT_MODEL = bentoml.metrics.Gauge(
 # BentoML's own adaptive_batch_size counts the calls it joins, and a call carries many requests.
 MODEL_BATCH_SIZE = bentoml.metrics.Histogram(
     name="t2i_model_batch_size",
-    documentation="Generation requests in each call of the model's generate (one batch of pipeline calls)",
+    documentation="Generation requests a model ran together (one model's share of a generate call)",
+    labelnames=["model"],
     buckets=[1, 2, 4, 8, 16, 32, 64],
+)
+MODEL_LOADED = bentoml.metrics.Gauge(
+    name="t2i_model_loaded",
+    documentation="Whether each model of the registry is loaded in the model service (1) or not (0)",
+    labelnames=["model"],
+    multiprocess_mode="livemax",
+)
+MODEL_WEIGHTS_BYTES = bentoml.metrics.Gauge(
+    name="t2i_model_weights_bytes",
+    documentation="Bytes of each loaded model's weights on its device (what runtime.memory_budget_mb counts)",
+    labelnames=["model"],
+    multiprocess_mode="livemax",
 )
 
 
@@ -115,17 +129,17 @@ def raw(images: list[Image.Image]) -> list[bytes]:
     # its traces record each request once. (OpenTelemetry's middleware otherwise opens a span
     # for every call here, in the worker whose GIL the pipeline needs.)
     logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": "/generate,/progress,/previews,/cancel"},
+    tracing={"excluded_urls": "/generate,/progress,/previews,/cancel,/load,/loaded"},
 )
 class DiffusionService:
     def __init__(self) -> None:
-        # Loaded before the worker reports ready, so /readyz waits for the model.
-        self.runner = DiffusionRunner(
-            settings.model.path,
-            settings.runtime,
-            scheduler=settings.model.scheduler,
-            local_files_only=settings.model.local_files_only,
-        )
+        # The default model loads before the worker reports ready, so /readyz waits for it; the
+        # registry's others load in the background (preload) or when first asked for.
+        self.pool = ModelPool(settings.served_models, settings.runtime)
+        for model in settings.served_models[1:]:
+            if model.entry.preload:
+                self.pool.start_loading(model.name)
+        self._count_loaded()
 
     @bentoml.api(
         batchable=True,
@@ -133,25 +147,67 @@ class DiffusionService:
         max_latency_ms=settings.batching.max_latency_ms,
     )
     def generate(self, requests: list[GenerationRequest]) -> Annotated[list[GeneratedImages], JSON]:
-        MODEL_BATCH_SIZE.observe(len(requests))
-        return [GeneratedImages.of(request, result) for request, result in zip(requests, self.runner.generate(requests))]
+        """Each model's requests through its own runner: requests for different models never share a
+        pipeline call (the runner groups each model's by GenerationRequest.batch_key)."""
+        results: list[GeneratedImages | None] = [None] * len(requests)
+        by_model: dict[str, list[int]] = {}
+        for index, request in enumerate(requests):
+            by_model.setdefault(request.model or self.pool.default, []).append(index)
+        for name, indexes in by_model.items():
+            group = [requests[i] for i in indexes]
+            MODEL_BATCH_SIZE.labels(model=name).observe(len(group))
+            try:
+                runner = self.pool.runner_for_call(name)
+            except Exception as exc:  # its load failed: these requests fail, the others run
+                outcomes = [GenerationResult(error=f"model {name} could not be loaded ({exc})")] * len(group)
+            else:
+                try:
+                    outcomes = runner.generate(group)
+                finally:
+                    self.pool.release(name)
+            for index, outcome in zip(indexes, outcomes):
+                results[index] = GeneratedImages.of(requests[index], outcome)
+        self._count_loaded()
+        return results
 
     @bentoml.api
     async def progress(self) -> Annotated[dict[str, list[int]], JSON]:
         """(steps done, steps in all, partial images decoded) of each job in the running call, by job id."""
-        return {str(job): [*steps, len(self.runner.previews(job))] for job, steps in self.runner.progress().items()}
+        return {str(job): [*steps, len(runner.previews(job))]
+                for runner in self.pool.runners() for job, steps in runner.progress().items()}
 
     @bentoml.api
     async def previews(self, job: int, since: int = 0) -> Annotated[list[bytes], JSON]:
         """A running job's partial images from the `since`-th on, as raw RGB of its size."""
-        return raw(self.runner.previews(job, since))
+        return raw([image for runner in self.pool.runners() for image in runner.previews(job, since)])
 
     @bentoml.api
     async def cancel(self, jobs: list[int]) -> bool:
         """Stop the running call at its next step if all its jobs are cancelled. Async, so it runs
         on the worker's event loop while `generate` holds the worker's one sync thread."""
-        self.runner.cancel(jobs)
+        for runner in self.pool.runners():
+            runner.cancel(jobs)
         return True
+
+    @bentoml.api
+    async def load(self, model: str) -> str:
+        """Start loading a model of the registry if it is not loaded (in a thread: calls for loaded
+        models go on): "loaded", "loading", or "failed: <why>"."""
+        state = self.pool.start_loading(model)
+        self._count_loaded()
+        return state
+
+    @bentoml.api
+    async def loaded(self) -> Annotated[dict[str, int], JSON]:
+        """The models loaded now, with their weights' bytes."""
+        self._count_loaded()
+        return self.pool.loaded()
+
+    def _count_loaded(self) -> None:
+        loaded = self.pool.loaded()
+        for model in settings.served_models:
+            MODEL_LOADED.labels(model=model.name).set(int(model.name in loaded))
+            MODEL_WEIGHTS_BYTES.labels(model=model.name).set(loaded.get(model.name, 0))
 
 
 class DiffusionClient:
@@ -193,6 +249,12 @@ class DiffusionClient:
             logger.debug("previews of %s unavailable: %s", job, type(exc).__name__)
             return []
         return [Image.frombytes("RGB", size, data) for data in pixels]
+
+    async def load(self, name: str) -> str:
+        return await asyncio.wait_for(self.service().to_async.load(name), MODEL_CONTROL_TIMEOUT_S)
+
+    async def loaded(self) -> dict[str, int]:
+        return await asyncio.wait_for(self.service().to_async.loaded(), MODEL_CONTROL_TIMEOUT_S)
 
     async def cancel(self, jobs: list[int]) -> None:
         """Tell the model service these jobs are cancelled; if it cannot be reached, their call

@@ -329,28 +329,28 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings(config)
     from t2i_task.generation.runner import default_cpu_threads
 
-    size = args.size or settings.defaults.width
-    steps = args.steps or settings.defaults.num_inference_steps
-    guidance = settings.defaults.guidance_scale if args.guidance is None else args.guidance
+    size = args.size or settings.default_model.defaults.width
+    steps = args.steps or settings.default_model.defaults.num_inference_steps
+    guidance = settings.default_model.defaults.guidance_scale if args.guidance is None else args.guidance
     started = time.monotonic()
-    log(f"[1/3] bare pipeline: {settings.model.name}, {size}x{size}, {steps} steps, guidance {guidance}")
-    pipeline = BarePipeline(settings.model.path, settings.runtime, size, steps, guidance)
+    log(f"[1/3] bare pipeline: {settings.default_model.name}, {size}x{size}, {steps} steps, guidance {guidance}")
+    pipeline = BarePipeline(settings.default_model.path, settings.runtime, size, steps, guidance)
     bare = measure_bare_pipeline(pipeline, args.batches, args.rounds)
 
     log(f"[2/3] server under load at concurrency {args.concurrency}")
     parameters = {"width": size, "height": size, "num_inference_steps": steps, "guidance_scale": guidance}
     served, burst = measure_server(config, args.concurrency, args.seconds, request_body(size, steps, guidance),
-                                   parameters, pipeline, **drawn_at(settings.model.sizes, size))
+                                   parameters, pipeline, **drawn_at(settings.default_model.sizes, size))
 
     large = None
     if args.large_size:
         big = args.large_size
         log(f"[2b/3] larger workload: {big}x{big}, {steps} steps")
-        big_pipeline = BarePipeline(settings.model.path, settings.runtime, big, steps, guidance)
+        big_pipeline = BarePipeline(settings.default_model.path, settings.runtime, big, steps, guidance)
         big_rounds = max(2, args.rounds // 3)
         big_bare = measure_bare_pipeline(big_pipeline, [1, 8], big_rounds)
         big_served, _ = measure_server(config, [1, 16], args.seconds, request_body(big, steps, guidance), None,
-                                       big_pipeline, **drawn_at(settings.model.sizes, big))
+                                       big_pipeline, **drawn_at(settings.default_model.sizes, big))
         large = {"size": big, "bare": big_bare, "served": big_served, "ratios": overhead_ratios(big_bare, big_served)}
 
     results = {
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                            f"{psutil.virtual_memory().total / 2**30:.0f} GiB, Python {platform.python_version()}",
             "cpus": psutil.cpu_count(),
         },
-        "setting": {"model": settings.model.name, "size": size, "steps": steps, "guidance": guidance,
+        "setting": {"model": settings.default_model.name, "size": size, "steps": steps, "guidance": guidance,
                     "seconds": args.seconds, "torch_threads": settings.runtime.cpu_threads or default_cpu_threads(),
                     "max_batch_size": settings.batching.max_batch_size},
         "bare": bare,

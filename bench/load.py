@@ -62,11 +62,11 @@ def server_memory_mb(pid: int) -> float:
         return 0.0
 
 
-async def run_clients(client: httpx.AsyncClient, concurrency: int, seconds: float, body: dict,
+async def run_clients(client: httpx.AsyncClient, concurrency: int, seconds: float, body: dict | Callable[[int], dict],
                       answered: Callable[[httpx.Response, float], None]) -> float:
     """`concurrency` clients, each sending its next request when the last is answered, until
-    `seconds` have passed; `answered(response, seconds it took)` sees each answer. Returns the
-    wall time until the last answer."""
+    `seconds` have passed; `body` is every client's request, or `body(index)` each client's own;
+    `answered(response, seconds it took)` sees each answer. Returns the wall time until the last answer."""
     deadline = time.monotonic() + seconds
 
     async def user(index: int) -> None:
@@ -74,7 +74,8 @@ async def run_clients(client: httpx.AsyncClient, concurrency: int, seconds: floa
         while time.monotonic() < deadline:
             n += 1
             started = time.perf_counter()
-            response = await client.post("/v1/images/generations", json={**body, "seed": index * 100_000 + n})
+            sent = body(index) if callable(body) else body
+            response = await client.post("/v1/images/generations", json={**sent, "seed": index * 100_000 + n})
             answered(response, time.perf_counter() - started)
             if response.status_code != 200:
                 await asyncio.sleep(0.05)  # a refused client backs off a little, as real ones do

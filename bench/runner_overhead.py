@@ -25,7 +25,7 @@ from t2i_task.generation.runner import DiffusionRunner, GenerationRequest
 def main() -> None:
     settings = load_settings()
     parser = argparse.ArgumentParser(description="DiffusionRunner.generate versus the bare diffusers pipeline")
-    parser.add_argument("--model", default=settings.model.path)
+    parser.add_argument("--model", default=settings.default_model.path)
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--guidance", type=float, default=7.5)

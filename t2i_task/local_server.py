@@ -48,21 +48,33 @@ def free_port() -> int:
 def write_config(folder: Path, model_path: Path | None = None, base: Path = DEFAULT_CONFIG_PATH, **overrides) -> Path:
     """The `base` configuration with a fresh database and images folder in `folder`.
 
-    `model_path` swaps the model for another, served under its folder's name;
-    `overrides` update whole sections, e.g. `serving={"max_attempts": 1}`.
+    `model_path` swaps the base's models for that one, served under its folder's name;
+    `overrides` update whole sections, e.g. `serving={"max_attempts": 1}`, and `models=[...]`
+    (a registry) replaces the models.
     """
     config = yaml.safe_load(base.read_text())
+    entries = config["models"] if "models" in config else [config["model"]]
     if model_path is None:
-        # Keep the base's model; relative paths are relative to the base file, not to `folder`.
-        config["model"]["path"] = str(load_settings(base).model.path)
+        # Keep the base's models; relative paths are relative to the base file, not to `folder`.
+        resolved = {model.name: model.path for model in load_settings(base).served_models}
+        for entry in entries:
+            entry["path"] = resolved[entry["name"]]
     else:
-        # What the base says of its own model's drawing (sizes, names) is not this model's.
-        for key in ("sizes", "aliases"):
-            config["model"].pop(key, None)
-        config["model"].update(name=Path(model_path).name, path=str(model_path))
+        # What the base says of its default model's drawing (sizes, names, defaults) is not this model's.
+        default = next(entry for entry in entries if entry["name"] == config.get("default_model", entries[0]["name"]))
+        kept = {key: value for key, value in default.items()
+                if key not in ("sizes", "aliases", "defaults", "limits", "preload")}
+        for key in ("models", "default_model"):
+            config.pop(key, None)
+        config["model"] = kept | {"name": Path(model_path).name, "path": str(model_path)}
     config["storage"] = {"database_url": f"sqlite:///{folder / 't2i.db'}", "images_dir": str(folder / "images")}
     for section, values in overrides.items():
-        config.setdefault(section, {}).update(values)
+        if isinstance(values, dict):
+            config.setdefault(section, {}).update(values)
+        else:
+            config[section] = values
+            if section == "models":
+                config.pop("model", None)
     path = folder / "configuration.yaml"
     path.write_text(yaml.safe_dump(config))
     return path

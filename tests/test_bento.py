@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 
 import yaml
 
+from t2i_task.config.settings import load_settings
 from t2i_task.local_server import BENTOML, PROJECT_ROOT
 
 
@@ -21,11 +23,15 @@ def test_bentoml_build_packs_code_configuration_model_and_dockerfile(tmp_path):
 
     [bento] = [p for p in (tmp_path / "home" / "bentos" / "t2i-task").iterdir() if p.name != "latest"]
     src = bento / "src"
-    for path in ("service.py", "configuration.yaml", "t2i_task/task.py", "t2i_task/generation/runner.py", "t2i_task/storage/store.py",
-                 "t2i_task/api/dashai.py", "t2i_task/api/openai.py",
-                 "demo_model/model_index.json", "demo_model/unet/diffusion_pytorch_model.safetensors",
-                 "demo_model/tokenizer/tokenizer.json", "demo_model/README.md"):
+    for path in ("service.py", "configuration.yaml", "t2i_task/task.py", "t2i_task/generation/runner.py",
+                 "t2i_task/storage/store.py", "t2i_task/api/dashai.py", "t2i_task/api/openai.py",
+                 "t2i_task/storage/migrations/versions/0001_release_0_1_0.py"):
         assert (src / path).is_file(), f"{path} missing from the Bento"
+    # Every model of the shipped registry that lives in the project, whole (weights, configs, card).
+    shipped = [Path(model.path) for model in load_settings().served_models]
+    assert shipped and all(folder.is_relative_to(PROJECT_ROOT) for folder in shipped)
+    for file in (file for folder in shipped for file in folder.rglob("*") if file.is_file()):
+        assert (src / file.relative_to(PROJECT_ROOT)).is_file(), f"{file} missing from the Bento"
     for unwanted in ("tests", ".venv", "data", ".git"):
         assert not (src / unwanted).exists(), f"{unwanted} must not be packed"
     assert not list(src.rglob("__pycache__"))

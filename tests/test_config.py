@@ -16,9 +16,16 @@ def write_config(tmp_path):
     base = yaml.safe_load(DEFAULT_CONFIG_PATH.read_text())
 
     def write(**sections) -> Path:
+        """The shipped file with `sections` over it; `model=` is its registry's default entry (None: no model)."""
         data = {key: dict(value) if isinstance(value, dict) else value for key, value in base.items()}
+        data["models"] = [dict(entry) for entry in base["models"]]
         for section, values in sections.items():
-            if values is None:
+            if section == "model" and values is None:
+                data.pop("models"), data.pop("default_model")
+            elif section == "model":
+                data["models"][0].update(values)
+                data["default_model"] = data["models"][0]["name"]
+            elif values is None:
                 data.pop(section, None)
             elif isinstance(values, dict) and isinstance(data.get(section), dict):
                 data[section].update(values)
@@ -41,7 +48,7 @@ def no_env_overrides(monkeypatch):
 def test_the_shipped_configuration_serves_the_demo_model():
     settings = load_settings()
     root = DEFAULT_CONFIG_PATH.parent
-    assert settings.model.path == str(root / "demo_model") and settings.model.name == "shapes-32"
+    assert settings.default_model.path == str(root / "demo_model") and settings.default_model.name == "shapes-32"
     assert settings.storage.database_url == f"sqlite:///{root / 'data' / 't2i.db'}"
     assert settings.storage.images_dir == root / "data" / "images"
     assert settings.runtime.device == "auto" and settings.batching.max_batch_size > 1
@@ -52,12 +59,12 @@ def test_relative_paths_are_resolved_against_the_files_folder(write_config, monk
     monkeypatch.chdir(tmp_path)  # another working directory changes nothing
     settings = load_settings(path)
     assert settings.storage.images_dir == path.parent / "data" / "images"
-    assert settings.model.path == str(path.parent / "demo_model")
+    assert settings.default_model.path == str(path.parent / "demo_model")
 
 
 def test_a_hub_model_id_is_kept_as_it_is(write_config):
     settings = load_settings(write_config(model={"path": "stable-diffusion-v1-5/stable-diffusion-v1-5"}))
-    assert settings.model.path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert settings.default_model.path == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 def test_environment_overrides_the_storage_keys_and_the_file(write_config, monkeypatch, tmp_path):
@@ -66,7 +73,7 @@ def test_environment_overrides_the_storage_keys_and_the_file(write_config, monke
     monkeypatch.setenv("T2I_IMAGES_DIR", str(tmp_path / "shared-images"))
 
     settings = load_settings()
-    assert settings.model.name == "from-env-file"
+    assert settings.default_model.name == "from-env-file"
     assert settings.storage.database_url == "postgresql+psycopg://postgres@127.0.0.1:5432/test"
     assert settings.storage.images_dir == tmp_path / "shared-images"
 
@@ -78,8 +85,13 @@ def test_environment_overrides_the_storage_keys_and_the_file(write_config, monke
         ({"runtime": {"device": "tpu"}}, "runtime.device"),
         ({"batching": {"max_batch_size": 1}}, "batching.max_batch_size"),
         ({"defaults": {"width": 100}}, "defaults.width: Input should be a multiple of 8"),
-        ({"defaults": {"num_inference_steps": 500}}, "num_inference_steps must be between 1 and 50"),
-        ({"model": None}, "model: Field required"),
+        ({"model": {"defaults": {"num_inference_steps": 500}}},
+         "model shapes-32: its defaults do not fit its limits: num_inference_steps must be between 1 and 50"),
+        ({"model": {"limits": {"max_stepz": 5}}}, "model shapes-32: max_stepz: Extra inputs are not permitted"),
+        ({"default_model": "sdxl"}, "default_model 'sdxl' is not one of the models: shapes-32"),
+        ({"models": [{"name": "a", "path": "a"}, {"name": "b", "path": "b", "aliases": ["a"]}]},
+         "the model name 'a' is used twice"),
+        ({"model": None}, "no model: give `model` (one model) or `models` (a registry)"),
         ({"batching": {"max_latency_ms": 700_000}}, "max_latency_ms must be below serving.request_timeout_s"),
         ({"surprise": {"a": 1}}, "surprise: Extra inputs are not permitted"),
     ],
@@ -100,7 +112,7 @@ def test_an_unreadable_file_is_a_clear_error(tmp_path):
 
 def test_session_parameters_fill_in_defaults_and_respect_limits():
     settings = load_settings()
-    params = settings.validate_parameters({"width": 128, "seed": 5})
+    params = settings.default_model.validate_parameters({"width": 128, "seed": 5})
     assert (params.width, params.height, params.seed) == (128, settings.defaults.height, 5)
     assert params.num_inference_steps == settings.defaults.num_inference_steps
 
@@ -122,4 +134,4 @@ def test_session_parameters_fill_in_defaults_and_respect_limits():
 )
 def test_bad_session_parameters_are_refused_by_name(parameters, named):
     with pytest.raises(ValueError, match=named):
-        load_settings().validate_parameters(parameters)
+        load_settings().default_model.validate_parameters(parameters)

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from t2i_task.config.cost import GenerationCost, largest_square
-from t2i_task.config.settings import DEFAULT_CONFIG_PATH, ConfigError, ParameterError, Settings, load_settings
+from t2i_task.config.models import ServedModel
+from t2i_task.config.parameters import ParameterError
+from t2i_task.config.settings import DEFAULT_CONFIG_PATH, ConfigError, Settings, load_settings
 from t2i_task.generation.calibrate import measure, store
 from t2i_task.generation.runner import DiffusionRunner
 
@@ -16,8 +18,8 @@ from t2i_task.generation.runner import DiffusionRunner
 COST = {"overhead_s": 0.0, "seconds_per_megapixel_step": 1.0}
 
 
-def settings(cost=COST, timeout_s=30, **defaults) -> Settings:
-    """A budget of 0.8 x 20 s = 16 s of work per model call."""
+def settings(cost=COST, timeout_s=30, **defaults) -> ServedModel:
+    """A model whose calls may hold 0.8 x 20 s = 16 s of work."""
     return Settings.model_validate({
         "model": {"name": "m", "path": "m", "cost": cost},
         "serving": {"request_timeout_s": timeout_s},
@@ -26,7 +28,7 @@ def settings(cost=COST, timeout_s=30, **defaults) -> Settings:
                    "max_images_per_request": 4},
         "storage": {"database_url": "sqlite://", "images_dir": "/tmp/unused"},
         "defaults": {"width": 64, "height": 64, "num_inference_steps": 10} | defaults,
-    })
+    }).default_model
 
 
 def test_the_estimate_is_pixels_times_steps_times_images_plus_overhead():
@@ -40,7 +42,7 @@ def test_the_estimate_is_pixels_times_steps_times_images_plus_overhead():
 
 def test_a_request_too_costly_to_finish_is_refused_naming_the_largest_size_and_steps():
     served = settings()
-    assert served.model_call_budget_s == 16
+    assert served.budget_s == 16
     served.validate_parameters({"width": 512, "height": 512, "num_inference_steps": 50})  # 13.1 s: fits
 
     with pytest.raises(ParameterError) as refused:
@@ -90,8 +92,9 @@ def test_defaults_that_could_not_finish_in_time_are_a_configuration_error():
 
 def test_the_shipped_configuration_is_calibrated_and_its_defaults_fit():
     shipped = load_settings()
-    assert shipped.model.cost is not None and shipped.model.cost.measured_on
-    shipped.validate_parameters({})
+    for model in shipped.served_models:
+        assert model.cost is not None and model.cost.measured_on, model.name
+        model.validate_parameters({})
 
 
 def test_calibration_measures_the_model_and_rewrites_only_the_cost_line(tiny_model_path, tmp_path):
@@ -101,7 +104,7 @@ def test_calibration_measures_the_model_and_rewrites_only_the_cost_line(tiny_mod
     config.write_text(text)
     served = load_settings(config)
 
-    cost, timings = measure(DiffusionRunner(served.model.path, served.runtime), served)
+    cost, timings = measure(DiffusionRunner(served.default_model.path, served.runtime), served.default_model)
     # The smallest, middle and largest sides the model draws (model.sizes: 32 to 48), not the
     # sizes a client may ask for (up to 2048): those are drawn inside that range.
     assert [side for side, _ in timings] == [32, 40, 48]
@@ -112,12 +115,12 @@ def test_calibration_measures_the_model_and_rewrites_only_the_cost_line(tiny_mod
     changed = [line for old, line in zip(text.splitlines(), rewritten.splitlines()) if old != line]
     assert len(rewritten.splitlines()) == len(text.splitlines()) and len(changed) == 1
     assert changed[0].lstrip().startswith("cost: ")
-    assert load_settings(config).model.cost == cost
-    assert yaml.safe_load(rewritten)["model"]["cost"]["measured_on"] == cost.measured_on
+    assert load_settings(config).default_model.cost == cost
+    assert yaml.safe_load(rewritten)["models"][0]["cost"]["measured_on"] == cost.measured_on
 
 
 def test_a_broken_cost_is_a_configuration_error_naming_it(tmp_path):
     config = tmp_path / "configuration.yaml"
     config.write_text(DEFAULT_CONFIG_PATH.read_text().replace("seconds_per_megapixel_step: ", "seconds_per_mp: "))
-    with pytest.raises(ConfigError, match="model.cost"):
+    with pytest.raises(ConfigError, match=r"models\.0\.cost"):
         load_settings(config)

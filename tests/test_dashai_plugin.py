@@ -19,7 +19,7 @@ import pytest
 from DashAI.back.models.text_to_image_generation_model import TextToImageGenerationTaskModel
 from dashai_t2i_server import client as plugin_client
 from dashai_t2i_server.client import InferenceServer, ServerError
-from dashai_t2i_server.model import SHIPPED_FORM, InferenceServerModel, server_form
+from dashai_t2i_server.model import SHIPPED_FORM, InferenceServerModel, build_schema, server_form, server_models
 
 from t2i_task.config.settings import load_settings
 from t2i_task.local_server import free_port, start_server, write_config
@@ -87,8 +87,15 @@ def test_optional_texts_start_blank_with_null_first_and_a_blank_means_none():
     assert chosen.model == "shapes-32" and chosen.parameters["negative_prompt"] == "blurry"
 
 
+def test_the_model_field_starts_at_the_servers_default_model_and_names_the_others():
+    properties = build_schema(SHIPPED_FORM, ["shapes-64", "shapes-32"]).model_json_schema()["properties"]
+    assert properties["model"]["placeholder"] == "shapes-64"  # text, so DashAI's form shows no field in red
+    assert "shapes-32" in str(properties["model"]["anyOf"][1]["description"])
+
+
 def test_the_form_takes_the_servers_limits_and_defaults(plugin_server, monkeypatch):
     monkeypatch.setenv("T2I_SERVER_URL", plugin_server.url)
+    assert server_models() == ["tiny-sd"]
     form = server_form()
     assert form["width"] == {"minimum": 32, "maximum": 256, "placeholder": 32}
     assert form["num_inference_steps"] == {"minimum": 1, "maximum": 20, "placeholder": 4}
@@ -97,7 +104,7 @@ def test_the_form_takes_the_servers_limits_and_defaults(plugin_server, monkeypat
 def test_without_the_server_the_form_carries_the_shipped_configurations_limits(monkeypatch):
     monkeypatch.setenv("T2I_SERVER_URL", f"http://127.0.0.1:{free_port()}")
     assert server_form() == SHIPPED_FORM
-    shipped = load_settings()
+    shipped = load_settings().default_model
     schema = shipped.parameters_model.model_json_schema()["properties"]
     for name, spec in SHIPPED_FORM.items():
         bounds = {key: schema[name][key] for key in ("minimum", "maximum") if key in schema[name]}

@@ -68,7 +68,7 @@ def seen(b64_png: str) -> Scene:
 
 
 def test_the_shipped_model_is_the_default_and_named_by_v1_models(http):
-    assert load_settings().model.name == "shapes-32"
+    assert load_settings().default_model.name == "shapes-32"
     assert [model["id"] for model in http.get("/v1/models").json()["data"]] == ["shapes-32"]
 
 

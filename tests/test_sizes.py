@@ -7,7 +7,9 @@ import pytest
 from PIL import Image
 from pydantic import ValidationError
 
-from t2i_task.config.settings import ParameterError, Settings
+from t2i_task.config.models import ServedModel
+from t2i_task.config.parameters import ParameterError
+from t2i_task.config.settings import Settings
 from t2i_task.config.sizes import DrawnSizes, resized
 
 SD15 = DrawnSizes(native=512, min=256, max=768)
@@ -45,7 +47,7 @@ def test_a_drawn_image_is_resized_to_exactly_the_asked_size():
     assert resized(drawn, 48, 32) is drawn
 
 
-def settings(sizes: dict | None) -> Settings:
+def settings(sizes: dict | None) -> ServedModel:
     """1 s per megapixel-step: a budget of 16 s fits 512x512 at 50 steps, not 1024x1024."""
     return Settings.model_validate({
         "model": {"name": "m", "path": "m", "sizes": sizes,
@@ -54,7 +56,7 @@ def settings(sizes: dict | None) -> Settings:
         "limits": {"min_size": 32, "max_width": 2048, "max_height": 2048, "max_steps": 100},
         "storage": {"database_url": "sqlite://", "images_dir": "/tmp/unused"},
         "defaults": {"width": 512, "height": 512, "num_inference_steps": 50},
-    })
+    }).default_model
 
 
 def test_the_cost_limit_counts_the_drawn_size_not_the_asked_one():

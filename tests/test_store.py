@@ -87,12 +87,14 @@ def test_a_new_process_is_delivered_with_its_input_rows(store):
 
 
 def test_a_process_stored_started_counts_its_first_attempt_and_what_it_returns_matches_the_row(store):
+    runs_with = {"model": "shapes-64", "num_inference_steps": 4, "seed": 7}
     process = store.create_process(new_session(store).id, [("a cat", "str"), ("a dog", "str")],
-                                   status=RunStatus.STARTED, owner="a", steps=4)
+                                   status=RunStatus.STARTED, owner="a", parameters=runs_with)
     loaded = store.get_process(process.id)
     for seen in (process, loaded):
         assert seen.status is RunStatus.STARTED and seen.attempts == 1 and seen.owner == "a"
         assert seen.start_time is not None and (seen.progress_step, seen.progress_total) == (0, 4)
+        assert seen.parameters == runs_with
     assert [(row.id, row.data) for row in process.input] == [(row.id, row.data) for row in loaded.input]
     store.finish_process(process.id, [("a.png", "Image")])
     assert store.get_process(process.id).progress_step == 4  # all its steps done
@@ -316,8 +318,8 @@ def test_deleting_sessions_removes_their_processes_and_image_files(store):
 
 def test_progress_is_recorded_for_running_processes_only_and_a_finished_one_is_complete(store):
     session_id = new_session(store).id
-    running = store.create_process(session_id, [("a", "str")], steps=20)
-    queued = store.create_process(session_id, [("b", "str")], steps=20)
+    running = store.create_process(session_id, [("a", "str")], parameters={"num_inference_steps": 20})
+    queued = store.create_process(session_id, [("b", "str")], parameters={"num_inference_steps": 20})
     assert (running.progress_step, running.progress_total) == (0, 20)
     store.start_process(running.id)
 

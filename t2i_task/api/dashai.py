@@ -24,7 +24,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, validation_error
-from t2i_task.config.settings import CleanText, GenerationParameters, ParameterError
+from t2i_task.config.models import ServedModel
+from t2i_task.config.parameters import CleanText, GenerationParameters, ParameterError
+from t2i_task.config.settings import UnknownModel
 from t2i_task.jobs.failures import ProcessEnded
 from t2i_task.storage.store import DuplicateSessionName
 from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, ProcessData, RunStatus
@@ -134,34 +136,48 @@ def progress_json(steps: tuple[int, int] | None) -> dict[str, int] | None:
 SESSION_ATTRIBUTES = ("name", "description", "device")
 
 
-def session_parameters(backend: Backend, values: dict[str, Any]) -> dict[str, Any]:
-    """What a session stores: its known generation parameters, validated against the served
-    model's limits (422 naming the field), plus DashAI's own form values; other keys are
-    ignored, as DashAI ignores them."""
-    model = backend.settings.parameters_model
+def session_parameters(model: ServedModel, values: dict[str, Any]) -> dict[str, Any]:
+    """What a session stores: its known generation parameters, validated against its model's
+    limits (422 naming the field), plus DashAI's own form values; other keys are ignored, as
+    DashAI ignores them."""
     try:
-        params = backend.settings.validate_parameters({k: v for k, v in values.items() if k in model.model_fields})
+        params = model.validate_parameters({k: v for k, v in values.items() if k in GenerationParameters.model_fields})
     except ParameterError as exc:
         raise parameters_error(exc) from exc
     kept = {key: values[key] for key in SESSION_ATTRIBUTES if isinstance(values.get(key), str)}
     return params.model_dump() | kept
 
 
-def generation_parameters(backend: Backend, session: GenerativeSession) -> GenerationParameters:
+def session_model(backend: Backend, session: GenerativeSession) -> ServedModel:
+    """The model a session generates with (the default where it names none)."""
+    return served_model(backend, session.model_name)
+
+
+def generation_parameters(model: ServedModel, session: GenerativeSession) -> GenerationParameters:
     """The generation values of a stored session (its other keys are not the model's business),
-    checked against today's limits: a session stored under larger ones gets a 422 naming them."""
+    checked against its model's limits today: a session stored under larger ones gets a 422 naming them."""
     known = {k: v for k, v in (session.parameters or {}).items() if k in GenerationParameters.model_fields}
     try:
-        return backend.settings.validate_parameters(known)
+        return model.validate_parameters(known)
     except ParameterError as exc:
         raise parameters_error(exc) from exc
 
 
-def check_model(backend: Backend, model_name: str) -> str:
-    served = backend.settings.model.name
-    if model_name != served:
-        raise ApiError(400, f"Model {model_name} is not registered. Served: {served}.", param="model_name")
-    return model_name
+def served_model(backend: Backend, model_name: str | None) -> ServedModel:
+    """The model a DashAI route names; 400 "... is not registered." as DashAI answers, naming the served ones."""
+    try:
+        return backend.settings.served_model(model_name)
+    except UnknownModel as exc:
+        raise ApiError(400, str(exc), param="model_name") from None
+
+
+def switched_parameters(old: ServedModel, new: ServedModel, stored: dict[str, Any]) -> dict[str, Any]:
+    """A session's parameters for its new model: a value still at the old model's default was never
+    chosen and takes the new model's; one the user set is kept, and must suit the new model (422)."""
+    old_defaults, new_defaults = old.defaults.model_dump(), new.defaults.model_dump()
+    values = {key: new_defaults[key] if key in old_defaults and value == old_defaults[key] else value
+              for key, value in stored.items()}
+    return session_parameters(new, values)
 
 
 @router.post("/api/v1/generative-session/", status_code=201)
@@ -169,14 +185,14 @@ def check_model(backend: Backend, model_name: str) -> str:
 async def create_session(body: SessionCreate, backend: BackendDep) -> dict[str, Any]:
     if body.task_name != TASK_NAME:
         raise ApiError(400, f"Task {body.task_name} is not registered.", param="task_name")
-    model_name = check_model(backend, body.model_name or backend.settings.model.name)
+    model = served_model(backend, body.model_name)
     try:
         session = await backend.db(
             backend.store.create_session,
             task_name=TASK_NAME,
-            model_name=model_name,
+            model_name=model.name,
             name=body.name,
-            parameters=session_parameters(backend, body.parameters),
+            parameters=session_parameters(model, body.parameters),
             description=body.description,
         )
     except DuplicateSessionName as exc:
@@ -211,12 +227,18 @@ async def update_session(
     description: Annotated[CleanText | None, Query(max_length=10_000)] = None,
     model_name: str | None = None,
 ) -> dict[str, Any]:
-    """Rename, describe or switch model, as DashAI's front end sends it: query parameters, no body."""
+    """Rename, describe or switch model, as DashAI's front end sends it: query parameters, no body.
+    A new model takes effect on the session's next process; parameters left at the old model's
+    defaults take the new model's, and one set that the new model cannot take is a 422 naming it."""
+    parameters = None
     if model_name is not None:
-        check_model(backend, model_name)
+        session = await backend.db(backend.store.get_session, session_id)
+        new = served_model(backend, model_name)
+        model_name = new.name  # an alias names its model
+        parameters = switched_parameters(session_model(backend, session), new, session.parameters or {})
     try:
         session = await backend.db(backend.store.update_session, session_id, name=name, description=description,
-                                   model_name=model_name)
+                                   model_name=model_name, parameters=parameters)
     except DuplicateSessionName as exc:
         raise ApiError(409, str(exc), param="name") from exc
     return session_json(session)
@@ -238,7 +260,7 @@ async def update_parameters(
     """Merge the changed values into the session's parameters (`{**old, **new}`, as DashAI does)."""
     changes = body["parameters"] if set(body) == {"parameters"} and isinstance(body["parameters"], dict) else body
     session = await backend.db(backend.store.get_session, session_id)
-    parameters = session_parameters(backend, {**(session.parameters or {}), **changes})
+    parameters = session_parameters(session_model(backend, session), {**(session.parameters or {}), **changes})
     return session_json(await backend.db(backend.store.update_session_parameters, session_id, parameters))
 
 
@@ -272,9 +294,10 @@ async def create_process(request: Request, backend: BackendDep) -> dict[str, Any
     except ValueError as exc:
         raise ApiError(422, f"input: {exc}", param="input") from exc
     session = await backend.db(backend.store.get_session, body.session_id)
-    params = generation_parameters(backend, session)
+    model = session_model(backend, session)
+    params = generation_parameters(model, session)
     with admission():
-        process = await backend.queue.submit(session.id, inputs, params)
+        process = await backend.queue.submit(session.id, inputs, model, params)
     return process_json(backend, process)
 
 

@@ -15,6 +15,7 @@ from fastapi import APIRouter, Query
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError
+from t2i_task.config.models import ServedModel
 from t2i_task.task import TextToImageGenerationTask
 
 router = APIRouter()
@@ -58,11 +59,10 @@ def _form_property(schema: dict[str, Any], default: Any) -> dict[str, Any]:
     return field
 
 
-def model_schema(backend: Backend) -> dict[str, Any]:
-    """The served model's form, built from the pydantic model that validates its parameters."""
-    model = backend.settings.parameters_model
-    schema = model.model_json_schema()
-    defaults = backend.settings.defaults.model_dump()
+def model_schema(model: ServedModel) -> dict[str, Any]:
+    """A served model's form, built from the pydantic model that validates its parameters."""
+    schema = model.parameters_model.model_json_schema()
+    defaults = model.defaults.model_dump()
     properties = {name: _form_property(field, defaults[name]) for name, field in schema["properties"].items()}
     choices = devices()
     properties["device"] = {
@@ -70,7 +70,7 @@ def model_schema(backend: Backend) -> dict[str, Any]:
         "description": "Where DashAI would run the model; this server runs it on its own device, so this is "
                        "kept with the session and not used.",
     }
-    return {"type": "object", "title": backend.settings.model.name, "properties": properties,
+    return {"type": "object", "title": model.name, "properties": properties,
             "description": schema.get("description")}
 
 
@@ -94,17 +94,18 @@ def task_component() -> dict[str, Any]:
     }
 
 
-def model_component(backend: Backend) -> dict[str, Any]:
-    name = backend.settings.model.name
+def model_component(model: ServedModel) -> dict[str, Any]:
+    name = model.name
+    sizes = f" Draws {model.sizes.native}x{model.sizes.native} best." if model.sizes else ""
     return {
         "name": name,
         "type": "GenerativeModel",
         "class": name,
         "parent": "TextToImageGenerationTaskModel",
-        "description": f"{name}, served by this inference server: loaded once, batched across users.",
+        "description": f"{name}, served by this inference server: loaded once, batched across users.{sizes}",
         "display_name": name,
         "configurable_object": True,
-        "schema": model_schema(backend),
+        "schema": model_schema(model),
         "downloaded": True,
         "metadata": {
             "task": [TASK_NAME],
@@ -116,7 +117,7 @@ def model_component(backend: Backend) -> dict[str, Any]:
 
 
 def components(backend: Backend) -> list[dict[str, Any]]:
-    return [task_component(), model_component(backend)]
+    return [task_component(), *(model_component(model) for model in backend.settings.served_models)]
 
 
 @router.get("/api/v1/component/")

@@ -24,7 +24,9 @@ from sse_starlette import EventSourceResponse
 
 from t2i_task.api.backend import Backend, BackendDep
 from t2i_task.api.errors import ApiError, admission, parameters_error, retry_later
-from t2i_task.config.settings import GenerationParameters, ParameterError, Settings
+from t2i_task.config.models import ServedModel
+from t2i_task.config.parameters import GenerationParameters, ParameterError
+from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.generation.previews import MAX_PARTIAL_IMAGES
 from t2i_task.jobs.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
 from t2i_task.jobs.live import Finished, LiveCall
@@ -104,66 +106,80 @@ OPENAI_IMAGE_MODELS = ("dall-e-2", "dall-e-3", "gpt-image-1", "gpt-image-1-mini"
 OPENAI_IMAGE_MODEL_PREFIXES = ("dall-e-", "gpt-image-", "chatgpt-image-")
 
 
-def served_model(name: str | None, settings: Settings) -> str | None:
-    """The served model a client's `model` names (its own name, an alias, any OpenAI image model,
-    or none given), or None."""
-    model = settings.model
-    if name is None or name == model.name or name in model.aliases or name.startswith(OPENAI_IMAGE_MODEL_PREFIXES):
-        return model.name
-    return None
+def served_model(name: str | None, settings: Settings) -> ServedModel:
+    """The model a client's `model` names: its id or an alias; OpenAI's own image model names and none
+    reach the default model. UnknownModel otherwise."""
+    if name is None or name.startswith(OPENAI_IMAGE_MODEL_PREFIXES):
+        return settings.default_model
+    return settings.served_model(name)
 
 
-def _model_json(name: str, served: str) -> dict[str, Any]:
-    return {"id": name, "object": "model", "created": 0, "owned_by": "t2i-task", "root": served}
+def _model_json(name: str, model: ServedModel, loaded: bool | None = None) -> dict[str, Any]:
+    """OpenAI's model object, with what a client needs to ask this model well (extensions)."""
+    sizes = model.sizes
+    return {
+        "id": name, "object": "model", "created": 0, "owned_by": "t2i-task", "root": model.name,
+        "sizes": {"native": sizes.native, "min": sizes.min, "max": sizes.max} if sizes else None,
+        "defaults": model.defaults.model_dump(exclude={"negative_prompt", "seed"}),
+        "aliases": list(model.entry.aliases),
+        **({"loaded": loaded} if loaded is not None else {}),
+    }
 
 
 @router.get("/v1/models")
 async def list_models(backend: BackendDep) -> dict[str, Any]:
-    served = backend.settings.model.name
-    return {"object": "list", "data": [_model_json(served, served)]}
+    """Every served model, the default first, with its sizes, defaults and whether it is loaded now."""
+    loaded = await backend.loaded_models()
+    return {"object": "list", "data": [_model_json(model.name, model, model.name in loaded)
+                                       for model in backend.settings.served_models]}
 
 
 @router.get("/v1/models/{name}")
 async def get_model(name: str, backend: BackendDep) -> dict[str, Any]:
     """A served model by its name or by any name that reaches it (`root` names the served model)."""
-    served = served_model(name, backend.settings)
-    if served is None:
-        raise ApiError(404, f"The model {name!r} does not exist. {_served_names(backend.settings)}", param="model")
-    return _model_json(name, served)
+    try:
+        return _model_json(name, served_model(name, backend.settings))
+    except UnknownModel:
+        raise ApiError(404, f"The model {name!r} does not exist. {_served_names(backend.settings)}",
+                       param="model") from None
 
 
 def _served_names(settings: Settings) -> str:
-    model = settings.model
-    aliases = ", ".join([*model.aliases, *OPENAI_IMAGE_MODELS])
-    return f"Served models: {model.name} (also called {aliases})."
+    names = [f"{model.name}" + (f" (also {', '.join(model.entry.aliases)})" if model.entry.aliases else "")
+             for model in settings.served_models]
+    return (f"Served models: {'; '.join(names)}; OpenAI's image model names ({', '.join(OPENAI_IMAGE_MODELS)}) "
+            f"reach {settings.default_model.name}.")
 
 
 @router.post("/v1/images/generations", response_model=None)
 async def generate_images(
     body: ImageGenerationRequest, request: Request, backend: BackendDep
 ) -> dict[str, Any] | EventSourceResponse:
-    if served_model(body.model, backend.settings) is None:
-        raise ApiError(400, f"Model {body.model!r} is not served. {_served_names(backend.settings)}", param="model")
+    try:
+        model = served_model(body.model, backend.settings)
+    except UnknownModel:
+        raise ApiError(400, f"Model {body.model!r} is not served. {_served_names(backend.settings)}",
+                       param="model") from None
     _refuse_what_cannot_be_honoured(body)
-    params = _parameters(body, backend.settings)
+    params = _parameters(body, model)
     try:
         inputs = backend.task.prepare_input_for_database([body.prompt])
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from exc
     # Echoed as OpenAI's GPT image models do; `size` is the size drawn (the images are the size asked).
-    drawn = backend.settings.model.drawn(params.width, params.height)
+    drawn = model.drawn(params.width, params.height)
     echo = {"size": f"{drawn[0]}x{drawn[1]}", "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality),
             "output_format": body.output_format or "png", "background": "opaque"}
 
     if body.stream:
         with admission():
-            live = await backend.queue.start_live(await _session_id(backend), inputs, params,
+            live = await backend.queue.start_live(await _session_id(backend, model), inputs, model, params,
                                                   partial_images=body.partial_images or 0)
         return EventSourceResponse(_stream(live, body, echo, backend))
 
     with admission():
         try:
-            finished = await backend.queue.run_now(await _session_id(backend), inputs, params,
+            finished = await backend.queue.run_now(await _session_id(backend, model), inputs, model, params,
                                                    client_gone=request.is_disconnected)
         except ClientGone as exc:  # nobody reads this answer; 499 as nginx logs it
             raise ApiError(499, str(exc)) from exc
@@ -261,30 +277,29 @@ def _encode(image: Image.Image, output_format: str, compression: int | None) -> 
     return base64.b64encode(buffer.getvalue()).decode()
 
 
-async def _session_id(backend: Backend) -> int:
+async def _session_id(backend: Backend, model: ServedModel) -> int:
     """The session that records OpenAI calls as processes (one per model)."""
-    model = backend.settings.model.name
-    if model not in backend.openai_sessions:
+    if model.name not in backend.openai_sessions:
         session = await backend.db(
             backend.store.get_or_create_session,
             task_name=TextToImageGenerationTask.__name__,
-            model_name=model,
-            name=f"openai-images-{model}",
-            parameters=backend.settings.defaults.model_dump(),
+            model_name=model.name,
+            name=f"openai-images-{model.name}",
+            parameters=model.defaults.model_dump(),
         )
-        backend.openai_sessions[model] = session.id
-    return backend.openai_sessions[model]
+        backend.openai_sessions[model.name] = session.id
+    return backend.openai_sessions[model.name]
 
 
-def _parameters(body: ImageGenerationRequest, settings: Settings) -> GenerationParameters:
+def _parameters(body: ImageGenerationRequest, model: ServedModel) -> GenerationParameters:
     overrides: dict[str, Any] = {"num_images_per_prompt": body.n}
     if body.quality is not None:
         factor = QUALITY_STEPS[body.quality]
-        steps = round(settings.defaults.num_inference_steps * factor)
-        overrides["num_inference_steps"] = max(1, min(settings.limits.max_steps, steps))
+        steps = round(model.defaults.num_inference_steps * factor)
+        overrides["num_inference_steps"] = max(1, min(model.limits.max_steps, steps))
     if body.size == "auto":  # the model's own size (the defaults' where it declares none)
-        if settings.model.sizes is not None:
-            overrides["width"] = overrides["height"] = settings.model.sizes.native
+        if model.sizes is not None:
+            overrides["width"] = overrides["height"] = model.sizes.native
     elif body.size is not None:
         match = re.fullmatch(r"(\d{1,5})x(\d{1,5})", body.size)
         if not match:
@@ -294,7 +309,7 @@ def _parameters(body: ImageGenerationRequest, settings: Settings) -> GenerationP
         if getattr(body, field) is not None:
             overrides[field] = getattr(body, field)
     try:
-        return settings.validate_parameters(overrides)
+        return model.validate_parameters(overrides)
     except ParameterError as exc:
         error = parameters_error(exc)
         param = {"num_images_per_prompt": "n", "width": "size", "height": "size"}.get(error.param, error.param)

@@ -43,6 +43,7 @@ class GenerationRequest(BaseModel):
     model_config = ConfigDict(frozen=True)
 
     prompt: str
+    model: str = Field(default="", description="The registry's id of the model to draw with ('': the runner's own).")
     negative_prompt: str | None = None
     num_inference_steps: int = Field(ge=1)
     guidance_scale: float = Field(ge=0)
@@ -55,9 +56,11 @@ class GenerationRequest(BaseModel):
                                 description="Previews of each image to decode while it is drawn (previews.py).")
 
     def batch_key(self) -> tuple:
-        """Requests with equal keys can share one pipeline call."""
+        """Requests with equal keys can share one pipeline call: the one place that says what must be
+        equal inside a call (the model service, the runner and the scheduler group by it)."""
         # "No negative prompt" is not always "" (SDXL uses zeros for it), so the two never mix.
-        return (self.num_inference_steps, self.guidance_scale, self.width, self.height, self.negative_prompt is None)
+        return (self.model, self.num_inference_steps, self.guidance_scale, self.width, self.height,
+                self.negative_prompt is None)
 
 
 @dataclass

@@ -20,6 +20,15 @@ class ShuttingDown(Exception):
     """The server is draining: no new work."""
 
 
+class ModelLoading(Exception):
+    """A live request's model is still loading after the wait it may have (`serving.model_load_wait_s`);
+    the load goes on: retry after `retry_after_s`."""
+
+    def __init__(self, message: str, retry_after_s: float) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
 class ModelUnavailable(Exception):
     """The model service cannot be reached (it is stopping, or restarting after a crash):
     not the process's fault, so a queued process goes back to the queue."""

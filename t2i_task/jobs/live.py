@@ -15,11 +15,17 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from t2i_task.config.settings import GenerationParameters
+from t2i_task.config.models import ServedModel
+from t2i_task.config.parameters import GenerationParameters
 from t2i_task.config.sizes import resized
 from t2i_task.jobs.failures import ClientGone, QueueFull
 from t2i_task.jobs.scheduler import Priority
 from t2i_task.storage.tables import RunStatus
+
+def stored_parameters(model: ServedModel, params: GenerationParameters) -> dict:
+    """What a process keeps of what it runs with: its model and its resolved parameters."""
+    return {"model": model.name, **params.model_dump()}
+
 
 CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
 
@@ -38,6 +44,7 @@ class LiveCall:
     """A live generation in flight: its process and the task running it (its result: Finished)."""
 
     process_id: int
+    model: ServedModel
     params: GenerationParameters
     running: asyncio.Task
 
@@ -46,15 +53,18 @@ class LiveCalls:
     """ProcessQueue's methods for callers who wait (it provides the state they use)."""
 
     async def start_live(
-        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters, partial_images: int = 0
+        self, session_id: int, inputs: list[tuple[str, str]], model: ServedModel, params: GenerationParameters,
+        partial_images: int = 0,
     ) -> LiveCall:
         """Store a new process and start it for a caller who waits (live priority), with
         `partial_images` previews of each image decoded while it is drawn.
 
-        Refused (QueueFull) when the work ahead of it would keep it from finishing in time.
+        Refused (QueueFull) when the work ahead of it would keep it from finishing in time, and
+        (ModelLoading) when its model is still loading after `serving.model_load_wait_s`.
         """
         self.admit()
-        wait_s = self.scheduler.wait_s(self.cost_s(params), Priority.LIVE)
+        await self.loads.ready(model.name, self.serving.model_load_wait_s)  # ModelLoading: 503, the load goes on
+        wait_s = self.scheduler.wait_s(model.seconds(params), Priority.LIVE)
         if wait_s > 0:
             ahead = self.scheduler.waiting_s(Priority.LIVE)
             raise QueueFull(f"Server busy: about {ahead:.0f} s of work is ahead of this request, which could not "
@@ -62,16 +72,16 @@ class LiveCalls:
         self.answering += 1
         # One that the model has room for is stored STARTED: one write less on its path (it may
         # still wait a moment for its slot if another took the room meanwhile).
-        status = RunStatus.STARTED if self.scheduler.has_room(self.cost_s(params), Priority.LIVE) else RunStatus.DELIVERED
+        status = RunStatus.STARTED if self.scheduler.has_room(model.seconds(params), Priority.LIVE) else RunStatus.DELIVERED
         try:
             async with self._claims:
                 process = await self.db(self.store.create_process, session_id, inputs, status=status,
-                                        owner=self.instance, steps=params.num_inference_steps)
+                                        owner=self.instance, parameters=stored_parameters(model, params))
                 self.in_hand.add(process.id)
         except BaseException:
             self.answering -= 1
             raise
-        running = asyncio.ensure_future(self.generate(process, params, priority=Priority.LIVE,
+        running = asyncio.ensure_future(self.generate(process, model, params, priority=Priority.LIVE,
                                                       partial_images=partial_images))
 
         def answered(_: asyncio.Task) -> None:
@@ -79,12 +89,13 @@ class LiveCalls:
             self.in_hand.discard(process.id)
 
         running.add_done_callback(answered)
-        return LiveCall(process.id, params, running)
+        return LiveCall(process.id, model, params, running)
 
     async def run_now(
         self,
         session_id: int,
         inputs: list[tuple[str, str]],
+        model: ServedModel,
         params: GenerationParameters,
         client_gone: Callable[[], Awaitable[bool]] | None = None,
     ) -> Finished:
@@ -94,7 +105,7 @@ class LiveCalls:
         cancelled (its slot freed, its call stopped where nothing else in it is wanted); for
         the first, ClientGone is raised.
         """
-        live = await self.start_live(session_id, inputs, params)
+        live = await self.start_live(session_id, inputs, model, params)
         try:
             while client_gone is not None and not live.running.done():
                 await asyncio.wait({live.running}, timeout=CLIENT_POLL_S)
@@ -112,7 +123,7 @@ class LiveCalls:
             return []
         asked = (live.params.width, live.params.height)
         return [resized(image, *asked) for image in
-                await self.model.previews(live.process_id, since, self.drawn(*asked))]
+                await self.model.previews(live.process_id, since, live.model.drawn(*asked))]
 
     async def stop_live(self, live: LiveCall) -> None:
         """Cancel a live call: its process ends ERROR "cancelled", the model stops its call at

@@ -26,7 +26,9 @@ from anyio import to_thread
 from PIL import Image
 from pydantic import ValidationError
 
-from t2i_task.config.settings import GenerationParameters, Settings
+from t2i_task.config.models import ServedModel
+from t2i_task.config.parameters import GenerationParameters
+from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.config.sizes import resized
 from t2i_task.generation.runner import GenerationRequest, GenerationResult
 from t2i_task.jobs.failures import (
@@ -37,7 +39,8 @@ from t2i_task.jobs.failures import (
     ShuttingDown,
     describe_failure,
 )
-from t2i_task.jobs.live import Finished, LiveCalls
+from t2i_task.jobs.live import Finished, LiveCalls, stored_parameters
+from t2i_task.jobs.loading import ModelLoads
 from t2i_task.jobs.progress import ProgressWatch
 from t2i_task.jobs.scheduler import ModelScheduler, Priority
 from t2i_task.storage.store import Store
@@ -67,6 +70,12 @@ class Model(Protocol):
     async def previews(self, job: int, since: int, size: tuple[int, int]) -> list[Image.Image]:
         """A running job's partial images from the `since`-th on."""
 
+    async def load(self, name: str) -> str:
+        """Load a model of the registry if it is not loaded: "loaded", "loading" or "failed: <why>"."""
+
+    async def loaded(self) -> dict[str, int]:
+        """The models loaded now, with their weights' bytes."""
+
 
 class ProcessQueue(LiveCalls):
     def __init__(
@@ -79,13 +88,12 @@ class ProcessQueue(LiveCalls):
         self.store, self.task, self.model = store, task, model
         # How far the processes at the model are (t2i_task/jobs/progress.py).
         self.progress = ProgressWatch(store, model.progress, running=lambda: self.at_model)
-        self.serving = settings.serving
-        self.model_name = settings.model.name
-        self.drawn = settings.model.drawn  # the size the model draws for an asked one (t2i_task/config/sizes.py)
-        self.cost = settings.model.cost
-        if self.cost is None:
-            log.warning("model.cost is not set (run `make calibrate`): only the field limits bound a request, "
-                        "and work the model cannot finish in time ends by timeout")
+        self.loads = ModelLoads(model.load, settings.default_model.name)  # work waits here for its model to load
+        self.settings, self.serving = settings, settings.serving
+        for model in settings.served_models:
+            if model.cost is None:
+                log.warning("%s: no cost is set (run `make calibrate`): only the field limits bound a request, "
+                            "and work the model cannot finish in time ends by timeout", model.name)
         self.instance = settings.serving.instance_name
         # Processes queued or running here, by id; the tasks are held so they
         # are not garbage-collected, and the sweep knows what is in hand.
@@ -122,49 +130,55 @@ class ProcessQueue(LiveCalls):
             raise QueueFull(f"Server busy: {admitted} generations are queued. Retry later.")
 
     async def submit(
-        self, session_id: int, inputs: list[tuple[str, str]], params: GenerationParameters
+        self, session_id: int, inputs: list[tuple[str, str]], model: ServedModel, params: GenerationParameters
     ) -> GenerativeProcess:
-        """Store a new process and run it in the background; the caller answers at once."""
+        """Store a new process, with what it runs with, and run it in the background; the caller answers at once."""
         self.admit()
         async with self._claims:
             process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
-                                    steps=params.num_inference_steps)
-            self.accept(process, params)
+                                    parameters=stored_parameters(model, params))
+            self.accept(process, model, params)
         return process
 
     # Running processes
 
-    def accept(self, process: GenerativeProcess, params: GenerationParameters | None = None) -> None:
+    def accept(self, process: GenerativeProcess, model: ServedModel | None = None,
+               params: GenerationParameters | None = None) -> None:
         """Run a stored process in the background; the caller answers at once."""
-        job = asyncio.create_task(self._run_queued(process, params))
+        job = asyncio.create_task(self._run_queued(process, model, params))
         self.pending[process.id] = job
         job.add_done_callback(lambda done: self._forget(process.id, done))
 
-    async def _run_queued(self, process: GenerativeProcess, params: GenerationParameters | None) -> None:
-        if params is None:  # resumed after a restart: the session says how
-            session = await self.db(self.store.get_session, process.session_id)
+    async def _run_queued(self, process: GenerativeProcess, model: ServedModel | None,
+                          params: GenerationParameters | None) -> None:
+        if model is None or params is None:  # resumed after a restart: as it was stored
             try:
-                params = GenerationParameters.model_validate(session.parameters)
-            except ValidationError as exc:
-                await self.db(self.store.fail_process, process.id, f"unusable session parameters: {exc}")
+                model, params = await self._stored_run(process)
+            except (UnknownModel, ValidationError) as exc:
+                await self.db(self.store.fail_process, process.id, f"cannot run as stored: {exc}")
                 return
-        await self.generate(process, params, requeue_if_stopped=True)
+        await self.generate(process, model, params, requeue_if_stopped=True)
+
+    async def _stored_run(self, process: GenerativeProcess) -> tuple[ServedModel, GenerationParameters]:
+        """The model and parameters a process was stored with; a process stored before processes kept
+        theirs runs with its session's."""
+        stored = process.parameters
+        if stored is None:
+            session = await self.db(self.store.get_session, process.session_id)
+            stored = {**(session.parameters or {}), "model": session.model_name}
+        model = self.settings.served_model(stored.get("model"))
+        known = {key: value for key, value in stored.items() if key in GenerationParameters.model_fields}
+        return model, GenerationParameters.model_validate(known)
 
     def _forget(self, process_id: int, job: asyncio.Task) -> None:
         self.pending.pop(process_id, None)
         if not job.cancelled():
             job.exception()  # consumed: the failure is already recorded as the process's ERROR
 
-    def cost_s(self, params: GenerationParameters) -> float:
-        """Estimated seconds the model needs for these parameters (0 when the model is not calibrated)."""
-        if self.cost is None:
-            return 0.0
-        width, height = self.drawn(params.width, params.height)
-        return self.cost.seconds(width, height, params.num_inference_steps, params.num_images_per_prompt)
-
     async def generate(
         self,
         process: GenerativeProcess,
+        model: ServedModel,
         params: GenerationParameters,
         requeue_if_stopped: bool = False,
         priority: Priority = Priority.QUEUED,
@@ -182,9 +196,10 @@ class ProcessQueue(LiveCalls):
         try:
             prompt = self.task.prepare_for_task(process.input)
             asked = (params.width, params.height)
-            width, height = self.drawn(*asked)
+            width, height = model.drawn(*asked)
             request = GenerationRequest(
                 prompt=prompt,
+                model=model.name,
                 negative_prompt=params.negative_prompt or None,  # a form's empty field: none
                 num_inference_steps=params.num_inference_steps,
                 guidance_scale=params.guidance_scale,
@@ -195,7 +210,8 @@ class ProcessQueue(LiveCalls):
                 job=process.id,
                 partial_images=partial_images,
             )
-            async with self.scheduler.slot(self.cost_s(params), priority):
+            await self.loads.ready(model.name, wait_s=None)  # a live call waited in start_live already
+            async with self.scheduler.slot(model.seconds(params), priority):
                 if process.status is not RunStatus.STARTED:  # a live call may be stored started
                     self.unsent.add(process.id)  # started when its call is sent (calls_sent)
                 self.at_model.add(process.id)
@@ -217,7 +233,7 @@ class ProcessQueue(LiveCalls):
                     "guidance_scale": params.guidance_scale,
                     "size": f"{params.width}x{params.height}",
                     "drawn_size": f"{width}x{height}",  # resized to `size` when they differ
-                    "model": self.model_name,
+                    "model": model.name,
                 }
                 for seed in generated.seeds
             ]

@@ -202,14 +202,18 @@ class Store:
         return record
 
     def update_session(self, session_id: int, *, name: str | None = None, description: str | None = None,
-                       model_name: str | None = None) -> GenerativeSession:
-        """Rename a session, describe it or switch its model; None leaves a field as it is."""
+                       model_name: str | None = None, parameters: dict[str, Any] | None = None) -> GenerativeSession:
+        """Rename a session, describe it or switch its model (with the parameters for it, recorded in its
+        history when they change); None leaves a field as it is. All in one transaction."""
         try:
             with self._transaction() as db:
                 record = self._load_session(db, session_id)
                 for field, value in (("name", name), ("description", description), ("model_name", model_name)):
                     if value is not None:
                         setattr(record, field, value)
+                if parameters is not None and parameters != record.parameters:
+                    record.parameters = parameters
+                    db.add(GenerativeSessionParameterHistory(session_id=session_id, parameters=parameters))
                 record.last_modified = utcnow()
         except IntegrityError as exc:
             if name is not None and self._session_name_taken(name):
@@ -263,15 +267,17 @@ class Store:
         inputs: Sequence[tuple[str, str]],
         status: RunStatus = RunStatus.DELIVERED,
         owner: str | None = None,
-        steps: int | None = None,
+        parameters: dict[str, Any] | None = None,
     ) -> GenerativeProcess:
         """A process and its input rows, in one transaction.
 
         By default the process is DELIVERED at once: this server queues every
         process as soon as it is stored; one that goes to the model at once may
         be stored STARTED (its first attempt). `owner` names the server instance
-        whose queue holds it; `steps`, its denoising steps (its progress: 0 of them).
+        whose queue holds it; `parameters`, what it runs with (its model and
+        generation parameters; their denoising steps are its progress: 0 of them).
         """
+        steps = (parameters or {}).get("num_inference_steps")
         if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED, RunStatus.STARTED):
             raise ValueError(f"a new process is NOT_STARTED, DELIVERED or STARTED, not {status.name}")
         now = utcnow()
@@ -279,7 +285,8 @@ class Store:
         values = {"session_id": session_id, "status": status, "created": now, "last_modified": now,
                   "delivery_time": now if status is not RunStatus.NOT_STARTED else None,
                   "start_time": now if started else None, "end_time": None, "owner": owner,
-                  "attempts": 1 if started else 0, "progress_step": 0 if steps else None, "progress_total": steps}
+                  "attempts": 1 if started else 0, "progress_step": 0 if steps else None, "progress_total": steps,
+                  "parameters": parameters}
         # Core statements, not the ORM's unit of work: every generation is stored on its request's path.
         with self.engine.begin() as db:
             if db.scalar(_SESSION_EXISTS, {"session_id": session_id}) is None:

@@ -101,6 +101,10 @@ class GenerativeProcess(Base):
     # are written about once a second, so that any replica can say how far it is.
     progress_step: Mapped[int | None]
     progress_total: Mapped[int | None]
+    # Nor this: what the process runs with, resolved when it was created (its model and every
+    # generation parameter), so that it runs as asked whatever its session says by then, on a
+    # restart or on another replica. Null for processes stored before release 0.4.
+    parameters: Mapped[dict[str, Any] | None]
 
     session: Mapped[GenerativeSession] = relationship(back_populates="processes")
     # Loaded with the process: every reader wants its input and output rows.

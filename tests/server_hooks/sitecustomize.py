@@ -15,8 +15,9 @@ the batcher happened to group requests:
 - While `<file>.hold-after-step` exists and holds a number N, a call that has run
   N steps waits there (after its step callback), having written N to
   `<file>.held-at-step`: a test looks at a call part-way through.
-- `T2I_TEST_LOAD_DELAY_S=<seconds>`: loading the model takes that much longer,
-  as a large model's does.
+- `T2I_TEST_LOAD_DELAY_S=<seconds>`: loading a model takes that much longer,
+  as a large model's does; with `T2I_TEST_SLOW_LOADS=<text>`, only a model whose
+  path contains that text.
 """
 
 import os
@@ -28,6 +29,7 @@ import torch
 GATE = os.environ.get("T2I_TEST_GATE")
 POISON = os.environ.get("T2I_TEST_POISON")
 LOAD_DELAY_S = float(os.environ.get("T2I_TEST_LOAD_DELAY_S", "0"))
+SLOW_LOADS = os.environ.get("T2I_TEST_SLOW_LOADS", "")
 _real_call = diffusers.StableDiffusionPipeline.__call__
 _real_load = diffusers.AutoPipelineForText2Image.from_pretrained.__func__
 
@@ -74,7 +76,8 @@ def _hold_if_asked(steps: int) -> None:
 
 
 def _slow_load(cls, *args, **kwargs):
-    time.sleep(LOAD_DELAY_S)
+    if SLOW_LOADS in str(args[0] if args else kwargs.get("pretrained_model_or_path", "")):
+        time.sleep(LOAD_DELAY_S)
     return _real_load(cls, *args, **kwargs)
 
 

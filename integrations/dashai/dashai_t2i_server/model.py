@@ -76,28 +76,49 @@ def server_form() -> dict[str, dict[str, Any]]:
             for name, shipped in SHIPPED_FORM.items()}
 
 
-def _field(kind, name: str, form: dict[str, Any], **bounds):
+def server_models() -> list[str]:
+    """The server's models, its default first ([] if it cannot be asked now)."""
+    server = InferenceServer(configured_url(), os.environ.get("T2I_API_KEY"), retries=0, call_timeout_s=3)
+    try:
+        return [model["id"] for model in server.request("GET", "/v1/models").json()["data"]]
+    except (ServerError, KeyError, TypeError, ValueError) as exc:
+        log.warning("the inference server's models: unknown for now (%s)", exc)
+        return []
+    finally:
+        server.close()
+
+
+def _field(kind, name: str, form: dict[str, Any], description: str | None = None, **bounds):
     return schema_field(kind(**bounds), placeholder=form["placeholder"], description=MultilingualString(
-        en=DESCRIPTIONS[name]), alias=MultilingualString(en=name.replace("_", " ").capitalize()))
+        en=description or DESCRIPTIONS[name]), alias=MultilingualString(en=name.replace("_", " ").capitalize()))
 
 
-def build_schema(form: dict[str, dict[str, Any]]) -> type[BaseSchema]:
-    """DashAI's form for the server's parameters, with the bounds in `form`."""
+def build_schema(form: dict[str, dict[str, Any]], models: list[str] | None = None) -> type[BaseSchema]:
+    """DashAI's form for the server's parameters, with the bounds in `form`; its `model` field starts at the
+    server's default model and names the others (`models`, the default first), as text."""
 
     def bounded(name: str, kind, **extra):
         spec = form[name]
         return _field(kind, name, spec, ge=spec.get("minimum"), le=spec.get("maximum"), **extra), ...
 
-    def text(name: str):
-        return Optional[_field(string_field, name, {"placeholder": BLANK})], Field(default=None,
-                                                                                  json_schema_extra=null_first)
+    def text(name: str, start: str = BLANK, description: str | None = None):
+        def null_first(schema: dict[str, Any]) -> None:  # see BLANK
+            schema["anyOf"].sort(key=lambda option: option.get("type") != "null")
+            schema["placeholder"] = start
+
+        field = _field(string_field, name, {"placeholder": start}, description)
+        return Optional[field], Field(default=None, json_schema_extra=null_first)
+
+    models = models or []
+    model_help = (f"Model on the server: {', '.join(models)} ({models[0]} is its default; blank: the default)."
+                  if models else DESCRIPTIONS["model"])
 
     return create_model(
         "InferenceServerSchema",
         __base__=BaseSchema,
         __doc__="A text-to-image model served by a t2i-task inference server, and its generation parameters.",
         server_url=(_field(string_field, "server_url", {"placeholder": configured_url()}), configured_url()),
-        model=text("model"),
+        model=text("model", models[0] if models else BLANK, model_help),
         num_inference_steps=bounded("num_inference_steps", int_field),
         guidance_scale=bounded("guidance_scale", float_field),
         negative_prompt=text("negative_prompt"),
@@ -108,12 +129,6 @@ def build_schema(form: dict[str, dict[str, Any]]) -> type[BaseSchema]:
     )
 
 
-def null_first(schema: dict[str, Any]) -> None:
-    """An optional text's form field: its null option first, starting blank (see BLANK)."""
-    schema["anyOf"].sort(key=lambda option: option.get("type") != "null")
-    schema["placeholder"] = BLANK
-
-
 def blank_is_none(value: Any) -> Any:
     """An empty or blank text (the form's BLANK) means none."""
     return None if isinstance(value, str) and not value.strip() else value
@@ -122,7 +137,7 @@ def blank_is_none(value: Any) -> Any:
 class InferenceServerModel(TextToImageGenerationTaskModel):
     """Text to image on a t2i-task inference server: DashAI sends the prompt, the server makes the images."""
 
-    SCHEMA = build_schema(server_form())
+    SCHEMA = build_schema(server_form(), server_models())
     REQUIRES_DOWNLOAD = False  # nothing runs on DashAI's machine: it is ready as soon as it is installed
     DISPLAY_NAME = MultilingualString(
         en="Text to image on an inference server",
