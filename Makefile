@@ -111,7 +111,7 @@ demo-model: install
 # judge. Hours on 2 CPU cores (demo_model's card and docs have the figures): it saves its state
 # every 100 steps, and running it again after a stop resumes where it stopped.
 shapes-64: install
-	$(PY) -m training.train_demo_model models/shapes-64 --resolution 64 --latent-side 16 --unet-steps 6000 --threads 2
+	$(PY) -m training.train_demo_model models/shapes-64 --resolution 64 --latent-side 16 --unet-steps 4500 --threads 2
 	$(PY) -m training.evaluate models/shapes-64 --images 300
 
 clean:

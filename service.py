@@ -218,7 +218,7 @@ class DiffusionClient:
     def __init__(self, service: Callable[[], Any], max_batch: int, calls_in_flight: int,
                  sent: Callable[[list[GenerationRequest]], Awaitable[None]]) -> None:
         self.service = service
-        self.calls = CallBatcher(self._generate, max_batch, calls_in_flight, sent=sent)
+        self.calls = CallBatcher(self._generate, max_batch, calls_in_flight, sent=sent, key=GenerationRequest.batch_key)
 
     async def generate(self, request: GenerationRequest) -> GenerationResult:
         """One request, in the next call to the model's batcher (t2i_task/jobs/model_calls.py)."""

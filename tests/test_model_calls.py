@@ -110,3 +110,18 @@ async def test_with_one_call_in_flight_the_next_takes_what_waited_when_the_runni
     assert model.calls[2] == list(range(9, 12))
     model.release[2].set()
     assert await first == 0 and [await task for task in rest] == [i * 2 for i in range(1, 12)]
+
+
+@pytest.mark.anyio
+async def test_requests_of_two_keys_waiting_together_go_as_full_calls_of_one_key(model):
+    """Two models' requests (even and odd here) queued behind a call: a call each, full, oldest key first."""
+    batcher = CallBatcher(model.call, max_batch=4, max_in_flight=1, key=lambda request: request % 2)
+    first = asyncio.create_task(batcher.submit(0))
+    await settle()
+    rest = [asyncio.create_task(batcher.submit(i)) for i in range(1, 9)]
+    await settle()
+    for index in range(3):
+        model.release[index].set()
+        await settle()
+    assert model.calls == [[0], [1, 3, 5, 7], [2, 4, 6, 8]]
+    assert await first == 0 and [await task for task in rest] == [i * 2 for i in range(1, 9)]

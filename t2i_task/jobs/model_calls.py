@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Sequence
 from typing import Generic, TypeVar
 
 Request = TypeVar("Request")
@@ -26,12 +26,18 @@ Result = TypeVar("Result")
 
 
 class CallBatcher(Generic[Request, Result]):
-    """`sent`, if given, learns of each call as it goes (it must not raise): it runs beside the
-    call, never delaying it, and the call's callers get their results once it is done too."""
+    """`key`, if given, says which requests may share a call (GenerationRequest.batch_key: the same
+    model, size and steps): a call carries the oldest waiting request and those of its key, up to a
+    batch, so that two models' requests waiting together go as two full calls, not two half
+    pipeline calls in each. `sent`, if given, learns of each call as it goes (it must not raise):
+    it runs beside the call, never delaying it, and the call's callers get their results once it
+    is done too."""
 
     def __init__(self, call: Callable[[list[Request]], Awaitable[Sequence[Result]]], max_batch: int,
-                 max_in_flight: int = 2, sent: Callable[[list[Request]], Awaitable[None]] | None = None) -> None:
+                 max_in_flight: int = 2, sent: Callable[[list[Request]], Awaitable[None]] | None = None,
+                 key: Callable[[Request], Hashable] = lambda request: None) -> None:
         self.call, self.max_batch, self.max_in_flight, self.sent = call, max_batch, max_in_flight, sent
+        self.key = key
         self.waiting: deque[tuple[Request, asyncio.Future]] = deque()
         self.in_flight = 0
         self._calls: set[asyncio.Task] = set()
@@ -46,22 +52,20 @@ class CallBatcher(Generic[Request, Result]):
 
     def _send_what_waits(self) -> None:
         while self.in_flight < self.max_in_flight:
-            if self.in_flight and self._waiting_requests() < self.max_batch:
-                return  # a part batch goes when the model is free, with what joins it until then
-            batch = []
-            while self.waiting and len(batch) < self.max_batch:
-                request, future = self.waiting.popleft()
-                if not future.done():  # a caller that left is not sent
-                    batch.append((request, future))
-            if not batch:
+            # A caller that left is not sent.
+            self.waiting = deque(item for item in self.waiting if not item[1].done())
+            if not self.waiting:
                 return
+            head_key = self.key(self.waiting[0][0])
+            batch = [item for item in self.waiting if self.key(item[0]) == head_key][:self.max_batch]
+            if self.in_flight and len(batch) < self.max_batch:
+                return  # a part batch goes when the model is free, with what joins it until then
+            sent = {id(item) for item in batch}
+            self.waiting = deque(item for item in self.waiting if id(item) not in sent)
             self.in_flight += 1
             task = asyncio.create_task(self._run(batch))
             self._calls.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._calls.discard)
-
-    def _waiting_requests(self) -> int:
-        return sum(not future.done() for _, future in self.waiting)
 
     async def _run(self, batch: list[tuple[Request, asyncio.Future]]) -> None:
         waiting = [future for _, future in batch]
