@@ -49,8 +49,8 @@ def write_config(folder: Path, model_path: Path | None = None, base: Path = DEFA
     """The `base` configuration with a fresh database and images folder in `folder`.
 
     `model_path` swaps the base's models for that one, served under its folder's name;
-    `overrides` update whole sections, e.g. `serving={"max_attempts": 1}`, and `models=[...]`
-    (a registry) replaces the models.
+    `overrides` update whole sections, e.g. `serving={"max_attempts": 1}`; `model={...}` updates
+    the default model's entry, and `models=[...]` (a registry) replaces the models.
     """
     config = yaml.safe_load(base.read_text())
     entries = config["models"] if "models" in config else [config["model"]]
@@ -69,7 +69,10 @@ def write_config(folder: Path, model_path: Path | None = None, base: Path = DEFA
         config["model"] = kept | {"name": Path(model_path).name, "path": str(model_path)}
     config["storage"] = {"database_url": f"sqlite:///{folder / 't2i.db'}", "images_dir": str(folder / "images")}
     for section, values in overrides.items():
-        if isinstance(values, dict):
+        if section == "model" and "models" in config:
+            name = config.get("default_model", config["models"][0]["name"])
+            next(entry for entry in config["models"] if entry["name"] == name).update(values)
+        elif isinstance(values, dict):
             config.setdefault(section, {}).update(values)
         else:
             config[section] = values

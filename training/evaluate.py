@@ -1,6 +1,7 @@
 """Score a demo model with the judge on unseen (prompt, seed) pairs, at the served defaults.
 
     python -m training.evaluate MODEL_DIR [--images 300] [--steps N] [--guidance G] [--card]
+    python -m training.evaluate MODEL_DIR --size-range 32,48,64,80,96     (the sides it draws well)
 
 Prompts describe random scenes of the world in random phrasings, a third of
 them held-out (colour, shape, background) combinations that training never
@@ -98,6 +99,25 @@ def card_section(results: dict) -> str:
     ])
 
 
+def size_range(args: argparse.Namespace) -> int:
+    """The sides a model draws well: 33 unseen (prompt, seed) pairs at each side, judged at that side."""
+    defaults = load_settings().defaults
+    steps = args.steps or defaults.num_inference_steps
+    guidance = defaults.guidance_scale if args.guidance is None else args.guidance
+    runner = DiffusionRunner(str(args.model), RuntimeConfig(device="cpu"))
+    cases = unseen_prompts(33, args.seed + 1)
+    counts = {}
+    for side in (int(side) for side in args.size_range.split(",")):
+        judged = generate_and_judge(runner, cases, steps, guidance, side)
+        counts[side] = sum((seen.colour, seen.shape, seen.background) == (wanted.colour, wanted.shape, wanted.background)
+                           for wanted, seen, *_ in judged)
+        print(f"{side}x{side}: {counts[side]} of {len(cases)} right", flush=True)
+    (args.model / "size_range.json").write_text(json.dumps({
+        "date": datetime.date.today().isoformat(), "machine": machine(), "steps": steps, "guidance": guidance,
+        "pictures": len(cases), "right": counts}, indent=2) + "\n")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path)
@@ -107,7 +127,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=2026, help="picks the prompts and seeds")
     parser.add_argument("--size", type=int, default=None, help="default: the side the model was trained at")
     parser.add_argument("--card", action="store_true", help="rewrite the scores section of MODEL/README.md")
+    parser.add_argument("--size-range", default=None, metavar="SIDES",
+                        help="instead: how many of 33 unseen pictures come out right (colour, shape, background) "
+                             "at each square side of SIDES (e.g. 32,48,64,80,96): the range for `sizes`")
     args = parser.parse_args(argv)
+    if args.size_range:
+        return size_range(args)
 
     defaults = load_settings().defaults
     steps = args.steps or defaults.num_inference_steps

@@ -41,6 +41,8 @@ class ModelLoads:
             if state == "loaded":
                 self._loaded_at[name] = time.monotonic()
                 return
+            # A load may unload another model to make room: believe no other "loaded" without asking.
+            self._loaded_at.clear()
             if state.startswith("failed"):
                 raise GenerationFailed(f"model {name} could not be loaded ({state.removeprefix('failed: ')})")
             if deadline is not None and time.monotonic() >= deadline:
