@@ -50,7 +50,7 @@ def test_the_shipped_configuration_serves_the_demo_model():
     root = DEFAULT_CONFIG_PATH.parent
     assert settings.default_model.path == str(root / "demo_model") and settings.default_model.name == "shapes-32"
     assert settings.storage.database_url == f"sqlite:///{root / 'data' / 't2i.db'}"
-    assert settings.storage.images_dir == root / "data" / "images"
+    assert settings.storage.images_dir == str(root / "data" / "images")
     assert settings.runtime.device == "auto" and settings.batching.max_batch_size > 1
 
 
@@ -58,7 +58,7 @@ def test_relative_paths_are_resolved_against_the_files_folder(write_config, monk
     path = write_config()
     monkeypatch.chdir(tmp_path)  # another working directory changes nothing
     settings = load_settings(path)
-    assert settings.storage.images_dir == path.parent / "data" / "images"
+    assert settings.storage.images_dir == str(path.parent / "data" / "images")
     assert settings.default_model.path == str(path.parent / "demo_model")
 
 
@@ -75,7 +75,7 @@ def test_environment_overrides_the_storage_keys_and_the_file(write_config, monke
     settings = load_settings()
     assert settings.default_model.name == "from-env-file"
     assert settings.storage.database_url == "postgresql+psycopg://postgres@127.0.0.1:5432/test"
-    assert settings.storage.images_dir == tmp_path / "shared-images"
+    assert settings.storage.images_dir == str(tmp_path / "shared-images")
 
 
 @pytest.mark.parametrize(

@@ -380,3 +380,24 @@ def test_overload_is_refused_with_json_429_and_accepted_work_ends(tiny_model_pat
             assert sorted(p["id"] for p in stored) == sorted(accepted), "refused processes must not be stored"
     finally:
         server.stop()
+
+
+def test_lists_page_with_limit_and_offset_and_give_everything_without(http):
+    sessions = [create_session(http, f"paged-{i}")["id"] for i in range(3)]
+    everything = [s["id"] for s in http.get("/api/v1/generative-session/").json()]
+    assert everything[-3:] == sessions  # oldest first, all of them
+    page = http.get("/api/v1/generative-session/", params={"limit": 2, "offset": len(everything) - 3}).json()
+    assert [s["id"] for s in page] == sessions[:2]
+    processes = [http.post("/api/v1/generative-process/", json={"session_id": sessions[0], "input": [f"p{i}"]}).json()
+                 for i in range(3)]
+    listed = http.get(f"/api/v1/generative-process/session/{sessions[0]}", params={"limit": 1, "offset": 1}).json()
+    assert [p["id"] for p in listed] == [processes[1]["id"]]
+    jobs = http.get("/api/v1/job/", params={"limit": 2}).json()
+    assert [job["id"] for job in jobs] == [processes[2]["id"], processes[1]["id"]]  # newest first
+    assert [job["id"] for job in http.get("/api/v1/job/", params={"limit": 1, "offset": 2}).json()] == [processes[0]["id"]]
+    for path in ("/api/v1/generative-session/", "/api/v1/job/"):
+        for bad in ({"limit": 0}, {"limit": 5000}, {"offset": -1}):
+            refused = http.get(path, params=bad)
+            assert refused.status_code == 422 and refused.json()["field"] in bad, (path, bad)
+    for process in processes:
+        wait_until_ended(http, process["id"])

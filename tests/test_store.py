@@ -174,9 +174,9 @@ def test_processes_are_listed_per_session_in_order(store):
 
 def test_deleting_a_process_removes_its_rows_and_image_files(store):
     session = new_session(store)
-    store.images_dir.mkdir(parents=True)
+    store.images.folder.mkdir(parents=True, exist_ok=True)
     for name in ("mine.png", "other.png"):
-        (store.images_dir / name).write_bytes(b"png")
+        (store.images.folder / name).write_bytes(b"png")
     mine = store.create_process(session.id, [("a", "str")])
     other = store.create_process(session.id, [("b", "str")])
     for process, image in ((mine, "mine.png"), (other, "other.png")):
@@ -187,7 +187,7 @@ def test_deleting_a_process_removes_its_rows_and_image_files(store):
 
     with pytest.raises(ProcessNotFound, match=f"Process with ID {mine.id} does not exist"):
         store.get_process(mine.id)
-    assert sorted(p.name for p in store.images_dir.iterdir()) == ["other.png"]
+    assert sorted(p.name for p in store.images.folder.iterdir()) == ["other.png"]
     assert [p.id for p in store.list_processes(session.id)] == [other.id]
     assert count(store, ProcessData) == 2  # only the other process's input and output
     with pytest.raises(ProcessNotFound):
@@ -274,18 +274,18 @@ def test_orphan_images_are_removed_but_named_and_fresh_ones_kept(store):
     import os
 
     session = new_session(store)
-    store.images_dir.mkdir(parents=True)
+    store.images.folder.mkdir(parents=True, exist_ok=True)
     for name in ("kept.png", "orphan.png", ".x.png.part", "fresh-orphan.png", "notes.txt"):
-        (store.images_dir / name).write_bytes(b"x")
+        (store.images.folder / name).write_bytes(b"x")
     old = time.time() - 3600
     for name in ("kept.png", "orphan.png", ".x.png.part", "notes.txt"):
-        os.utime(store.images_dir / name, (old, old))
+        os.utime(store.images.folder / name, (old, old))
     process = store.create_process(session.id, [("a", "str")])
     store.start_process(process.id)
     store.finish_process(process.id, [("kept.png", "Image")])
 
     assert sorted(store.remove_orphan_images(older_than_s=600)) == [".x.png.part", "orphan.png"]
-    assert sorted(p.name for p in store.images_dir.iterdir()) == ["fresh-orphan.png", "kept.png", "notes.txt"]
+    assert sorted(p.name for p in store.images.folder.iterdir()) == ["fresh-orphan.png", "kept.png", "notes.txt"]
 
 
 def test_a_session_is_renamed_or_switched_and_a_taken_name_refused(store):
@@ -303,16 +303,16 @@ def test_deleting_sessions_removes_their_processes_and_image_files(store):
         process = store.create_process(session.id, [("a", "str")])
         store.start_process(process.id)
         store.finish_process(process.id, [(name, "Image")])
-    store.images_dir.mkdir(exist_ok=True)
+    store.images.folder.mkdir(exist_ok=True)
     for name in ("doomed.png", "kept.png"):
-        (store.images_dir / name).write_bytes(b"png")
+        (store.images.folder / name).write_bytes(b"png")
 
     with pytest.raises(SessionNotFound):
         store.delete_sessions([doomed.id, 999])  # one missing: none deleted
-    assert (store.images_dir / "doomed.png").exists()
+    assert (store.images.folder / "doomed.png").exists()
     store.delete_sessions([doomed.id])
     assert [s.name for s in store.list_sessions()] == ["kept"]
-    assert sorted(p.name for p in store.images_dir.iterdir()) == ["kept.png"]
+    assert sorted(p.name for p in store.images.folder.iterdir()) == ["kept.png"]
     assert count(store, GenerativeProcess) == 1 and count(store, ProcessData) == 2
 
 
@@ -329,3 +329,29 @@ def test_progress_is_recorded_for_running_processes_only_and_a_finished_one_is_c
     store.finish_process(running.id, [("a.png", "Image")])
     store.record_progress({running.id: (9, 20)})  # a late report changes nothing once it has ended
     assert store.get_process(running.id).progress_step == 20
+
+
+def test_retention_removes_processes_ended_before_the_cutoff_with_their_images_and_keeps_the_rest(store):
+    from datetime import timedelta
+
+    from sqlalchemy import text
+
+    from t2i_task.storage.store import RETENTION_LOCK
+    from t2i_task.storage.tables import utcnow
+
+    session = new_session(store, "kept")
+    store.images.folder.mkdir(parents=True, exist_ok=True)
+    old_done, old_failed, running = (store.create_process(session.id, [(name, "str")]) for name in "abc")
+    (store.images.folder / "old.png").write_bytes(b"png")
+    store.start_processes([old_done.id, old_failed.id, running.id])
+    store.finish_process(old_done.id, [("old.png", "Image")])
+    store.fail_process(old_failed.id, "out of memory")
+    cutoff = utcnow() + timedelta(seconds=1)  # both ended before it
+    fresh = store.create_process(session.id, [("d", "str")])
+    if store.engine.dialect.name == "postgresql":  # another replica sweeping: this one skips
+        with store.engine.begin() as other:
+            other.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": RETENTION_LOCK})
+            assert store.remove_ended_before(cutoff) == 0
+    assert store.remove_ended_before(cutoff) == 2
+    assert [p.id for p in store.list_processes(session.id)] == [running.id, fresh.id]
+    assert not (store.images.folder / "old.png").exists() and store.get_session(session.id).name == "kept"

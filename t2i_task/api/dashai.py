@@ -8,16 +8,16 @@ reason). The images are served by name from the images folder.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import re
 from datetime import datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,11 +30,14 @@ from t2i_task.config.settings import UnknownModel
 from t2i_task.jobs.failures import ProcessEnded
 from t2i_task.storage.store import DuplicateSessionName
 from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, ProcessData, RunStatus
-from t2i_task.task import TextToImageGenerationTask
+from t2i_task.task import IMAGE_TYPE, TextToImageGenerationTask
 
 TASK_NAME = TextToImageGenerationTask.__name__
 MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
 RowId = Annotated[int, PathParam(ge=1, le=MAX_ID)]
+MAX_PAGE = 1000
+Limit = Annotated[int | None, Query(ge=1, le=MAX_PAGE, description=f"At most this many (1-{MAX_PAGE}); none: all.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_ID, description="Skip this many first.")]
 IMAGE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*\.png$")
 # How often an event stream looks at its process: about as often as progress changes (t2i_task/jobs/progress.py).
 EVENTS_POLL_S = 0.5
@@ -103,12 +106,13 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def process_json(backend: Backend, process: GenerativeProcess, as_base64: bool = False) -> dict[str, Any]:
-    try:
-        output = backend.task.process_output_from_database(
-            process.output, images_path=backend.store.images_dir, as_base64=as_base64
-        )
-    except FileNotFoundError as exc:
-        raise ApiError(404, f"An image of process {process.id} is missing: {Path(exc.filename).name}") from exc
+    output = backend.task.process_output_from_database(process.output)
+    if as_base64:  # the early DashAI answer: each PNG's bytes inline, read wherever images are kept
+        try:
+            output = [ProcessData(id=row.id, data=base64.b64encode(backend.store.images.read(row.data)).decode("ascii"),
+                                  data_type=row.data_type) if row.data_type == IMAGE_TYPE else row for row in output]
+        except FileNotFoundError as exc:
+            raise ApiError(404, f"An image of process {process.id} is missing: {exc}") from exc
     return {
         "id": process.id,
         "session_id": process.session_id,
@@ -202,8 +206,9 @@ async def create_session(body: SessionCreate, backend: BackendDep) -> dict[str, 
 
 @router.get("/api/v1/generative-session/")
 @router.get("/api/v1/generative-session", include_in_schema=False)
-async def list_sessions(backend: BackendDep) -> list[dict[str, Any]]:
-    return [session_json(s) for s in await backend.db(backend.store.list_sessions)]
+async def list_sessions(backend: BackendDep, limit: Limit = None, offset: Offset = 0) -> list[dict[str, Any]]:
+    """Every session, oldest first (DashAI's front end asks for all); `limit` and `offset` page through them."""
+    return [session_json(s) for s in await backend.db(backend.store.list_sessions, limit, offset)]
 
 
 @router.delete("/api/v1/generative-session/", status_code=204)
@@ -327,18 +332,32 @@ async def _process_body(request: Request) -> ProcessCreate:
 
 @router.get("/api/v1/generative-process/file/{filename}")
 @router.get("/api/v1/generative-process/image/{filename}")
-async def get_image(filename: str, backend: BackendDep) -> FileResponse:
-    """A generated PNG by its bare name (`/file/` in DashAI's current front end, `/image/` in older ones)."""
-    path = backend.store.images_dir / filename
-    # A bare name only, and no symlink out of the images folder.
-    if not IMAGE_NAME.match(filename) or path.is_symlink() or not path.is_file():
-        raise ApiError(404, f"Image {filename!r} does not exist.", param="filename")
-    return FileResponse(path, media_type="image/png")
+async def get_image(filename: str, backend: BackendDep) -> Response:
+    """A generated PNG by its bare name (`/file/` in DashAI's current front end, `/image/` in older
+    ones), from wherever images are kept: any replica serves any image."""
+    missing = ApiError(404, f"Image {filename!r} does not exist.", param="filename")
+    if not IMAGE_NAME.match(filename):  # a bare name only
+        raise missing
+    images = backend.store.images
+    path = images.path(filename)
+    if path is not None:  # a local folder: no symlink out of it
+        if path.is_symlink() or not path.is_file():
+            raise missing
+        return FileResponse(path, media_type="image/png")
+    if backend.settings.storage.signed_image_links_s:
+        return RedirectResponse(images.signed_url(filename, backend.settings.storage.signed_image_links_s))
+    try:
+        return Response(await backend.db(images.read, filename), media_type="image/png")
+    except FileNotFoundError:
+        raise missing from None
 
 
 @router.get("/api/v1/generative-process/session/{session_id}")
-async def list_processes(session_id: RowId, backend: BackendDep, base64: bool = False) -> list[dict[str, Any]]:
-    return [process_json(backend, p, base64) for p in await backend.db(backend.store.list_processes, session_id)]
+async def list_processes(session_id: RowId, backend: BackendDep, base64: bool = False, limit: Limit = None,
+                         offset: Offset = 0) -> list[dict[str, Any]]:
+    """A session's processes, oldest first (all, as DashAI's chat asks); `limit` and `offset` page through them."""
+    return [process_json(backend, p, base64)
+            for p in await backend.db(backend.store.list_processes, session_id, limit, offset)]
 
 
 @router.get("/api/v1/generative-process/{process_id}")

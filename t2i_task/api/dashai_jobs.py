@@ -16,7 +16,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 
 from t2i_task.api.backend import Backend, BackendDep
-from t2i_task.api.dashai import MAX_ID, RowId, read_form_or_json
+from t2i_task.api.dashai import MAX_ID, Limit, Offset, RowId, read_form_or_json
 from t2i_task.api.errors import ApiError
 from t2i_task.jobs.failures import ProcessEnded
 from t2i_task.jobs.processes import CANCELLED
@@ -87,8 +87,11 @@ async def create_job(request: Request, backend: BackendDep) -> dict[str, Any]:
 
 @router.get("/api/v1/job/")
 @router.get("/api/v1/job", include_in_schema=False)
-async def list_jobs(backend: BackendDep) -> list[dict[str, Any]]:
-    return [job_json(backend, p) for p in await backend.db(backend.store.list_recent_processes, LISTED_JOBS)]
+async def list_jobs(backend: BackendDep, limit: Limit = None, offset: Offset = 0) -> list[dict[str, Any]]:
+    """The newest jobs first: LISTED_JOBS of them by default, as DashAI's widget wants; `limit` and `offset`
+    page further back."""
+    return [job_json(backend, p)
+            for p in await backend.db(backend.store.list_recent_processes, limit or LISTED_JOBS, None, offset)]
 
 
 @router.get("/api/v1/job/changes")

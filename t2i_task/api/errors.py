@@ -17,7 +17,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from t2i_task.api.guards import error_payload, is_openai_path
 from t2i_task.config.parameters import ParameterError
-from t2i_task.jobs.failures import ModelLoading, QueueFull, ShuttingDown
+from t2i_task.jobs.failures import DiskLow, ModelLoading, QueueFull, ShuttingDown
 from t2i_task.storage.store import NotFoundError
 
 logger = logging.getLogger("t2i.api")
@@ -58,7 +58,8 @@ def parameters_error(exc: ParameterError) -> ApiError:
 @contextmanager
 def admission() -> Iterator[None]:
     """The queue's refusals as HTTP answers: 429 when full (Retry-After: the queue's estimate
-    where it has one), 503 when shutting down or while the model asked for is still loading."""
+    where it has one), 503 when shutting down or while the model asked for is still loading, 507
+    when a disk is low."""
     try:
         yield
     except QueueFull as exc:
@@ -67,6 +68,8 @@ def admission() -> Iterator[None]:
         raise retry_later(503, str(exc)) from exc
     except ModelLoading as exc:
         raise retry_later(503, str(exc), exc.retry_after_s) from exc
+    except DiskLow as exc:
+        raise ApiError(507, str(exc)) from exc
 
 
 def _response(request: Request, error: ApiError) -> JSONResponse:

@@ -30,7 +30,6 @@ from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.generation.previews import MAX_PARTIAL_IMAGES
 from t2i_task.jobs.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
 from t2i_task.jobs.live import Finished, LiveCall
-from t2i_task.storage.tables import ProcessData
 from t2i_task.task import TextToImageGenerationTask
 
 router = APIRouter()
@@ -248,9 +247,8 @@ def _generation_error(exc: BaseException) -> ApiError:
 
 def _final_images(finished: Finished, body: ImageGenerationRequest, backend: Backend) -> list[str]:
     """The stored images, base64 in the asked output format."""
-    rows = [ProcessData(data=name, data_type=kind, is_input=False) for name, kind in finished.outputs]
-    shown = backend.task.process_output_from_database(rows, images_path=backend.store.images_dir, as_base64=True)
-    return [_encoded(row.data, body.output_format or "png", body.output_compression) for row in shown]
+    return [_encoded(base64.b64encode(backend.store.images.read(name)).decode("ascii"), body.output_format or "png",
+                     body.output_compression) for name, _ in finished.outputs]
 
 
 def _usage(finished: Finished) -> dict[str, Any]:

@@ -2,7 +2,8 @@
 
 `configuration.yaml` beside the project is the default; `T2I_CONFIG` names
 another file. `T2I_DATABASE_URL`, `T2I_IMAGES_DIR`, `T2I_API_KEYS` (comma
-separated) and `T2I_INSTANCE_NAME` override their keys, so that replicas and
+separated), `T2I_INSTANCE_NAME`, `T2I_CORS_ORIGINS`, `T2I_RETENTION` and
+`T2I_MIN_FREE_MB` override their keys (ENV_OVERRIDES), so that replicas and
 tests can point at their own database and folder, and secrets stay out of the
 file. Relative paths are resolved against the file's folder, so the
 server behaves the same whatever directory it is started from.
@@ -11,16 +12,19 @@ server behaves the same whatever directory it is started from.
 from __future__ import annotations
 
 import os
+import re
 import socket
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, model_validator
 
 from t2i_task.config.cost import HEADROOM
 from t2i_task.config.models import ModelConfig, ServedModel
 from t2i_task.config.parameters import GenerationParameters, LimitsConfig, Section
+
+OBJECT_STORAGE = "s3://"
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]  # t2i_task/config/settings.py -> the project
 DEFAULT_CONFIG_PATH = PROJECT_ROOT / "configuration.yaml"
@@ -92,9 +96,33 @@ class ServingConfig(Section):
     )
 
 
+DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
+SECONDS_IN = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+
+
+def _duration_s(value: Any) -> Any:
+    """"30d", "12h", "15m", "10s" as seconds; a number is seconds already."""
+    if isinstance(value, str):
+        match = DURATION.match(value)
+        if not match:
+            raise ValueError(f"a duration like 30d, 12h, 15m or 10s, not {value!r}")
+        return float(match[1]) * SECONDS_IN[match[2]]
+    return value
+
+
 class StorageConfig(Section):
     database_url: str = Field(min_length=1, description="Any SQLAlchemy URL; SQLite by default, PostgreSQL for many replicas.")
-    images_dir: Path
+    images_dir: str = Field(min_length=1, description="A local folder, or an S3-compatible bucket and prefix "
+                            "(s3://bucket/prefix; endpoint and credentials from the standard AWS environment variables).")
+    retention: Annotated[float | None, BeforeValidator(_duration_s)] = Field(
+        default=None, gt=0, description="Delete ended processes (with their images) older than this, e.g. 30d, "
+        "12h, 10s (T2I_RETENTION); sessions stay. Null: keep everything.")
+    min_free_mb: float = Field(
+        default=200, ge=0, description="Below this much free space on a local disk this server writes to (the "
+        "SQLite database's, the images', temporary files'), new generations are refused with 507 (T2I_MIN_FREE_MB).")
+    signed_image_links_s: float | None = Field(
+        default=None, gt=0, description="On object storage, answer an image's route with a redirect to a pre-signed "
+        "link valid this many seconds instead of streaming it through the server (null: stream).")
 
 
 class Settings(Section):
@@ -193,6 +221,8 @@ ENV_OVERRIDES = (
     ("serving", "api_keys", "T2I_API_KEYS", _comma_list),
     ("serving", "instance_name", "T2I_INSTANCE_NAME", str),
     ("serving", "cors_origins", "T2I_CORS_ORIGINS", _comma_list),
+    ("storage", "retention", "T2I_RETENTION", str),
+    ("storage", "min_free_mb", "T2I_MIN_FREE_MB", float),
 )
 
 
@@ -233,5 +263,5 @@ def _resolve_paths(raw: dict, base: Path) -> None:
     if isinstance(storage, dict):
         if isinstance(storage.get("database_url"), str):
             storage["database_url"] = _resolve_sqlite_url(storage["database_url"], base)
-        if isinstance(storage.get("images_dir"), str):
+        if isinstance(storage.get("images_dir"), str) and not storage["images_dir"].startswith(OBJECT_STORAGE):
             storage["images_dir"] = str(_resolve(storage["images_dir"], base))

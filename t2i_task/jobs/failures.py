@@ -16,6 +16,10 @@ class QueueFull(Exception):
         self.retry_after_s = retry_after_s
 
 
+class DiskLow(Exception):
+    """A local disk this server writes to has less free space than `storage.min_free_mb`: no new work."""
+
+
 class ShuttingDown(Exception):
     """The server is draining: no new work."""
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Protocol
 
 from anyio import to_thread
@@ -32,6 +33,7 @@ from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.config.sizes import resized
 from t2i_task.generation.runner import GenerationRequest, GenerationResult
 from t2i_task.jobs.failures import (
+    DiskLow,
     GenerationFailed,
     ModelUnavailable,
     ProcessEnded,
@@ -44,12 +46,13 @@ from t2i_task.jobs.loading import ModelLoads
 from t2i_task.jobs.progress import ProgressWatch
 from t2i_task.jobs.scheduler import ModelScheduler, Priority
 from t2i_task.storage.store import Store
-from t2i_task.storage.tables import GenerativeProcess, RunStatus
+from t2i_task.storage.tables import GenerativeProcess, RunStatus, utcnow
 from t2i_task.task import TextToImageGenerationTask
 
 log = logging.getLogger(__name__)
 
 SWEEP_INTERVAL_S = 15
+RETENTION_SWEEP_S = 60  # how often old work is looked for (more often for a retention of under 4 minutes)
 
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
@@ -113,6 +116,7 @@ class ProcessQueue(LiveCalls):
         self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size)
         self._sweeper: asyncio.Task | None = None
         self._progress_watcher: asyncio.Task | None = None
+        self._retention: asyncio.Task | None = None
         self._stopping: set[asyncio.Task] = set()  # stops of abandoned live calls, held until done
 
     async def db(self, call: Callable, *args, **kwargs):
@@ -128,6 +132,10 @@ class ProcessQueue(LiveCalls):
         admitted = len(self.pending) + self.answering
         if admitted >= self.serving.max_queued_generations:
             raise QueueFull(f"Server busy: {admitted} generations are queued. Retry later.")
+        low = self.store.low_disks(self.settings.storage.min_free_mb * 2**20)
+        if low:
+            raise DiskLow(f"Not enough disk space for new images: {', '.join(low)}, below storage.min_free_mb "
+                          f"({self.settings.storage.min_free_mb:g} MB). Reading what is stored still works.")
 
     async def submit(
         self, session_id: int, inputs: list[tuple[str, str]], model: ServedModel, params: GenerationParameters
@@ -239,8 +247,9 @@ class ProcessQueue(LiveCalls):
             ]
 
             def save_and_finish() -> None:  # one trip to a worker thread: this is on the answer's path
-                saved.extend(self.task.process_output([resized(image, *asked) for image in generated.images],
-                                                      images_path=self.store.images_dir, parameters=provenance))
+                images = [resized(image, *asked) for image in generated.images]
+                saved.extend(self.store.images.save(lambda folder: self.task.process_output(
+                    images, images_path=folder, parameters=provenance)))
                 self.store.finish_process(process.id, saved)
 
             await to_thread.run_sync(save_and_finish)
@@ -302,6 +311,8 @@ class ProcessQueue(LiveCalls):
             log.warning("removed %d image files that no process names", len(removed))
         self._sweeper = asyncio.create_task(self._sweep())
         self._progress_watcher = asyncio.create_task(self.progress.watch(lambda: self.draining))
+        if self.settings.storage.retention:
+            self._retention = asyncio.create_task(self._forget_old_work(self.settings.storage.retention))
 
     async def requeue_lost(self) -> None:
         async with self._claims:
@@ -322,6 +333,18 @@ class ProcessQueue(LiveCalls):
             except Exception as exc:  # the database may still be away: try again later
                 log.warning("sweep skipped: %s", type(exc).__name__)
 
+    async def _forget_old_work(self, retention_s: float) -> None:
+        """`storage.retention`: now and then, delete processes that ended longer ago than that, with their
+        images (one replica at a time: Store.remove_ended_before)."""
+        while not self.draining:
+            await asyncio.sleep(min(RETENTION_SWEEP_S, max(1.0, retention_s / 4)))
+            try:
+                removed = await self.db(self.store.remove_ended_before, utcnow() - timedelta(seconds=retention_s))
+                if removed:
+                    log.info("retention: removed %d processes that ended over %gs ago", removed, retention_s)
+            except Exception as exc:  # the database away: next time
+                log.warning("retention sweep skipped: %s", type(exc).__name__)
+
     async def _stop(self, process_id: int, job: asyncio.Future) -> None:
         """Cancel a process's generation here: at the model if it is there, then its task,
         whose generate() records the process as ERROR "cancelled"."""
@@ -337,7 +360,7 @@ class ProcessQueue(LiveCalls):
     async def drain(self) -> None:
         """Refuse new work, let running generations finish, put the rest back in the queue."""
         self.draining = True
-        for watcher in (self._sweeper, self._progress_watcher):
+        for watcher in (self._sweeper, self._progress_watcher, self._retention):
             if watcher:
                 watcher.cancel()
         jobs = list(self.pending.values())

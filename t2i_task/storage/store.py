@@ -12,19 +12,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import time
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Update, bindparam, case, insert, select, update
+from sqlalchemy import Update, bindparam, case, insert, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from t2i_task.storage import schema
 from t2i_task.storage.database import connect
+from t2i_task.storage.files import ImageFiles, existing
 from t2i_task.storage.tables import (
     GenerativeProcess,
     GenerativeSession,
@@ -89,6 +91,10 @@ _START_SENT = (update(_PROCESSES)
                        attempts=_PROCESSES.c.attempts + 1))
 
 
+# Any fixed 64-bit number: the advisory lock of the replica that runs the retention sweep.
+RETENTION_LOCK = 0x7432_6952_6574_6E74
+
+
 class StoreError(Exception):
     """Base class of the store's errors."""
 
@@ -121,11 +127,12 @@ class InvalidTransition(StoreError, ValueError):
 
 
 class Store:
-    """Sessions, processes and ProcessData rows; image files live in `images_dir`."""
+    """Sessions, processes and ProcessData rows; their image files are `images` (a local folder or a
+    bucket, t2i_task/storage/files.py), removed with the rows that name them."""
 
-    def __init__(self, database_url: str, images_dir: str | Path) -> None:
+    def __init__(self, database_url: str, images: ImageFiles | str | Path) -> None:
         self.engine = connect(database_url)
-        self.images_dir = Path(images_dir)
+        self.images = images if isinstance(images, ImageFiles) else ImageFiles(images)
         self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         schema.upgrade(self.engine)  # Alembic migrations: t2i_task/storage/migrations/
 
@@ -188,9 +195,11 @@ class Store:
         with self._sessionmaker() as db:
             return self._load_session(db, session_id)
 
-    def list_sessions(self) -> list[GenerativeSession]:
+    def list_sessions(self, limit: int | None = None, offset: int = 0) -> list[GenerativeSession]:
+        """Sessions, oldest first: `limit` of them from the `offset`-th (all by default)."""
         with self._sessionmaker() as db:
-            return list(db.scalars(select(GenerativeSession).order_by(GenerativeSession.id)))
+            query = select(GenerativeSession).order_by(GenerativeSession.id).offset(offset).limit(limit)
+            return list(db.scalars(query))
 
     def update_session_parameters(self, session_id: int, parameters: dict[str, Any]) -> GenerativeSession:
         """Replace the session's parameters and record them in its history."""
@@ -232,10 +241,12 @@ class Store:
                 db.delete(record)
         self.remove_images(images)
 
-    def list_recent_processes(self, limit: int, changed_since: datetime | None = None) -> list[GenerativeProcess]:
-        """The newest processes of every session (changed after `changed_since`, when given), newest first."""
+    def list_recent_processes(self, limit: int, changed_since: datetime | None = None,
+                              offset: int = 0) -> list[GenerativeProcess]:
+        """The newest processes of every session (changed after `changed_since`, when given), newest first:
+        `limit` of them from the `offset`-th."""
         with self._sessionmaker() as db:
-            query = select(GenerativeProcess).order_by(GenerativeProcess.id.desc()).limit(limit)
+            query = select(GenerativeProcess).order_by(GenerativeProcess.id.desc()).offset(offset).limit(limit)
             if changed_since is not None:
                 query = query.where(GenerativeProcess.last_modified > changed_since)
             return list(db.scalars(query))
@@ -302,11 +313,12 @@ class Store:
         with self._sessionmaker() as db:
             return self._load_process(db, process_id)
 
-    def list_processes(self, session_id: int) -> list[GenerativeProcess]:
+    def list_processes(self, session_id: int, limit: int | None = None, offset: int = 0) -> list[GenerativeProcess]:
+        """A session's processes, oldest first: `limit` of them from the `offset`-th (all by default)."""
         with self._sessionmaker() as db:
             self._load_session(db, session_id)
             query = select(GenerativeProcess).where(GenerativeProcess.session_id == session_id)
-            return list(db.scalars(query.order_by(GenerativeProcess.id)))
+            return list(db.scalars(query.order_by(GenerativeProcess.id).offset(offset).limit(limit)))
 
     def deliver_process(self, process_id: int) -> None:
         """Queue a NOT_STARTED process, or put a STARTED one back in the queue."""
@@ -396,18 +408,50 @@ class Store:
         Only files older than `older_than_s`: a file that another server is
         writing right now has no row yet.
         """
-        if not self.images_dir.is_dir():
+        candidates = self.images.older_than(older_than_s)
+        if not candidates:
             return []
         with self._sessionmaker() as db:
             named = set(db.scalars(select(ProcessData.data).where(ProcessData.data_type == IMAGE_TYPE)))
-        cutoff = time.time() - older_than_s
-        orphans = [
-            path.name for path in self.images_dir.iterdir()
-            if path.is_file() and (path.suffix == ".png" or path.name.endswith(".part"))
-            and path.name not in named and path.stat().st_mtime < cutoff
-        ]
+        orphans = [name for name in candidates if name not in named]
         self.remove_images(orphans)
         return orphans
+
+    def remove_ended_before(self, cutoff: datetime, batch: int = 500) -> int:
+        """Delete processes that ended before `cutoff`, with their rows and image files (sessions
+        stay); how many. One replica at a time: on PostgreSQL a replica that finds another one
+        sweeping skips (an advisory lock), so two never delete the same rows."""
+        removed = 0
+        while True:
+            with self._transaction() as db:
+                if db.bind.dialect.name == "postgresql" and not db.scalar(
+                        text("SELECT pg_try_advisory_xact_lock(:key)"), {"key": RETENTION_LOCK}):
+                    return removed
+                ended = list(db.scalars(select(GenerativeProcess).where(
+                    GenerativeProcess.status.in_((RunStatus.FINISHED, RunStatus.ERROR)),
+                    GenerativeProcess.end_time < cutoff).order_by(GenerativeProcess.id).limit(batch)))
+                images = [row.data for process in ended for row in process.output if row.data_type == IMAGE_TYPE]
+                for process in ended:
+                    db.delete(process)
+            self.remove_images(images)  # once the rows are gone: a failed delete leaves whole processes
+            removed += len(ended)
+            if len(ended) < batch:
+                return removed
+
+    def low_disks(self, min_free_bytes: float) -> list[str]:
+        """The local disks this store writes to (its SQLite file's, its images', temporary files') with less
+        free space than `min_free_bytes`, as "<path> (<MB> MB free)"."""
+        folders = {Path(tempfile.gettempdir())}
+        if self.engine.url.get_backend_name() == "sqlite" and self.engine.url.database not in (None, "", ":memory:"):
+            folders.add(Path(self.engine.url.database).parent)
+        if self.images.folder is not None:
+            folders.add(self.images.folder)
+        low = []
+        for folder in sorted(existing(folder) for folder in folders):
+            free = shutil.disk_usage(folder).free
+            if free < min_free_bytes:
+                low.append(f"{folder} ({free / 2**20:.0f} MB free)")
+        return low
 
     def delete_process(self, process_id: int) -> None:
         """Delete the process, its rows and its image files."""
@@ -419,13 +463,8 @@ class Store:
         self.remove_images(images)
 
     def remove_images(self, file_names: Iterable[str]) -> None:
-        """Remove image files by bare name; never anything outside `images_dir`."""
-        for name in file_names:
-            path = self.images_dir / Path(name).name
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                log.warning("could not remove image %s: %s", path, exc)
+        """Remove image files by bare name; never anything outside the images' folder or prefix."""
+        self.images.delete(file_names)
 
     @staticmethod
     def _load_process(db: Session, process_id: int) -> GenerativeProcess:
