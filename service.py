@@ -80,6 +80,19 @@ MODEL_WEIGHTS_BYTES = bentoml.metrics.Gauge(
     multiprocess_mode="livemax",
 )
 
+# Counted in the database at each sweep (every replica sees the same figure): what an autoscaler
+# scales on (deploy/kubernetes/, docs/scaling.md).
+STORED_WORK_WAITING = bentoml.metrics.Gauge(
+    name="t2i_stored_work_waiting",
+    documentation="Stored generations waiting for a model on every replica (queued, not started), by priority",
+    labelnames=["priority"],
+    multiprocess_mode="livemax",
+)
+
+
+def report_waiting(counts: dict) -> None:
+    for priority, count in counts.items():
+        STORED_WORK_WAITING.labels(priority=priority.name.lower()).set(count)
 
 # BentoML works out an answer's media type from its type's JSON schema at every answer (0.9 ms
 # for `generate`'s, on a request's path) unless the type names it.
@@ -290,7 +303,8 @@ class TextToImageService:
         task = TextToImageGenerationTask(max_prompt_length=settings.limits.max_prompt_length)
         self.queue = ProcessQueue(store, task, settings, DiffusionClient(
             lambda: self.diffusion, settings.batching.max_batch_size, settings.batching.calls_in_flight,
-            sent=lambda requests: self.queue.calls_sent(requests)))  # their processes are started then
+            sent=lambda requests: self.queue.calls_sent(requests)),  # their processes are started then
+            report_waiting=report_waiting)
         self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None

@@ -247,7 +247,7 @@ def test_get_or_create_session_returns_one_session_per_name(store):
     assert len(store.list_sessions()) == 1
 
 
-def test_recovery_requeues_an_owners_interrupted_work_and_gives_up_after_max_attempts(store):
+def test_a_claim_requeues_an_owners_interrupted_work_and_gives_up_after_max_attempts(store):
     session = new_session(store)
     queued = store.create_process(session.id, [("queued", "str")], owner="a")
     running = store.create_process(session.id, [("running", "str")], owner="a")
@@ -257,17 +257,17 @@ def test_recovery_requeues_an_owners_interrupted_work_and_gives_up_after_max_att
         store.start_process(hopeless.id)
         store.deliver_process(hopeless.id)  # put back, as a draining server does
     store.start_process(hopeless.id)  # third start
-    other = store.create_process(session.id, [("someone else's", "str")], owner="b")
+    other = store.create_process(session.id, [("someone else's", "str")], owner="b", lease_s=60)
     store.start_process(other.id)
 
-    requeued, given_up = store.recover(owner="a", max_attempts=3)
+    requeued, given_up = store.claim(owner="a", lease_s=30, max_attempts=3)
 
     assert [p.id for p in requeued] == [queued.id, running.id]
     assert [p.id for p in given_up] == [hopeless.id]
     assert store.get_process(running.id).status is RunStatus.DELIVERED
     failed = store.get_process(hopeless.id)
     assert failed.status is RunStatus.ERROR and "interrupted 3 times" in failed.output[0].data
-    assert store.get_process(other.id).status is RunStatus.STARTED, "another instance's work is left alone"
+    assert store.get_process(other.id).status is RunStatus.STARTED, "another instance's held work is left alone"
 
 
 def test_orphan_images_are_removed_but_named_and_fresh_ones_kept(store):

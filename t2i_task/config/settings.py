@@ -85,6 +85,9 @@ class ServingConfig(Section):
         "http://localhost:3000 (T2I_CORS_ORIGINS, comma separated; '*' for any). Default: none.",
     )
     max_attempts: int = Field(default=3, ge=1, description="Starts of one process before an interrupted one is given up.")
+    lease_s: float = Field(
+        default=30, gt=0, le=3600, description="How long a replica holds queued or running work without renewing "
+        "its lease (it renews every lease_s/3 at most); once expired, any replica takes the work (T2I_LEASE_S).")
     drain_timeout_s: float = Field(default=30, ge=0, description="On SIGTERM, how long running generations may finish.")
     model_load_wait_s: float = Field(
         default=10, ge=0, description="Longest a live request waits for its model to load; beyond: 503 with "
@@ -221,6 +224,7 @@ ENV_OVERRIDES = (
     ("serving", "api_keys", "T2I_API_KEYS", _comma_list),
     ("serving", "instance_name", "T2I_INSTANCE_NAME", str),
     ("serving", "cors_origins", "T2I_CORS_ORIGINS", _comma_list),
+    ("serving", "lease_s", "T2I_LEASE_S", float),
     ("storage", "retention", "T2I_RETENTION", str),
     ("storage", "min_free_mb", "T2I_MIN_FREE_MB", float),
 )

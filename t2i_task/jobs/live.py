@@ -76,8 +76,10 @@ class LiveCalls:
         try:
             async with self._claims:
                 process = await self.db(self.store.create_process, session_id, inputs, status=status,
-                                        owner=self.instance, parameters=stored_parameters(model, params))
+                                        owner=self.instance, parameters=stored_parameters(model, params),
+                                        lease_s=self.serving.lease_s, priority=Priority.LIVE)
                 self.in_hand.add(process.id)
+                self.keep_leases()
         except BaseException:
             self.answering -= 1
             raise

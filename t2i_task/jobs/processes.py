@@ -3,10 +3,10 @@
 A process is stored DELIVERED, started when the call to the model that carries
 it is sent (the scheduler hands it over when the model has room), and ends
 FINISHED with its images or ERROR with the reason. This module also keeps that
-promise across failures: it admits no more work than it can queue, re-queues
-what this instance had in hand when it last stopped (or lost track of during a
-database outage), gives up with a reason on work that keeps being interrupted,
-and on shutdown lets running generations finish and puts the rest back.
+promise across failures: it admits no more work than it can queue, holds its
+work under leases that replicas take over when this one stops or dies
+(t2i_task/jobs/leases.py), gives up with a reason on work that keeps being
+interrupted, and on shutdown lets running generations finish and releases the rest.
 
 Live calls (OpenAI's, whose client waits on the connection) are processes too
 (t2i_task/jobs/live.py).
@@ -41,17 +41,17 @@ from t2i_task.jobs.failures import (
     ShuttingDown,
     describe_failure,
 )
+from t2i_task.jobs.leases import Leases
 from t2i_task.jobs.live import Finished, LiveCalls, stored_parameters
 from t2i_task.jobs.loading import ModelLoads
 from t2i_task.jobs.progress import ProgressWatch
-from t2i_task.jobs.scheduler import ModelScheduler, Priority
-from t2i_task.storage.store import Store
-from t2i_task.storage.tables import GenerativeProcess, RunStatus, utcnow
+from t2i_task.jobs.scheduler import ModelScheduler
+from t2i_task.storage.store import LeaseLost, Store
+from t2i_task.storage.tables import GenerativeProcess, Priority, RunStatus, utcnow
 from t2i_task.task import TextToImageGenerationTask
 
 log = logging.getLogger(__name__)
 
-SWEEP_INTERVAL_S = 15
 RETENTION_SWEEP_S = 60  # how often old work is looked for (more often for a retention of under 4 minutes)
 
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
@@ -80,13 +80,14 @@ class Model(Protocol):
         """The models loaded now, with their weights' bytes."""
 
 
-class ProcessQueue(LiveCalls):
+class ProcessQueue(LiveCalls, Leases):
     def __init__(
         self,
         store: Store,
         task: TextToImageGenerationTask,
         settings: Settings,
         model: Model,
+        report_waiting: Callable[[dict[Priority, int]], None] | None = None,
     ) -> None:
         self.store, self.task, self.model = store, task, model
         # How far the processes at the model are (t2i_task/jobs/progress.py).
@@ -106,6 +107,9 @@ class ProcessQueue(LiveCalls):
         self.at_model: set[int] = set()  # processes whose call the model service holds
         self.unsent: set[int] = set()  # handed to the model client, their call not sent yet: not started
         self.cancelling: set[int] = set()  # processes being cancelled: they end ERROR "cancelled"
+        self.lost: set[int] = set()  # processes ended or taken over elsewhere: nothing of them is stored here
+        self.saving: set[int] = set()  # processes whose images are being written and finished
+        self.report_waiting = report_waiting  # told the stored work waiting, by priority, at each sweep
         # Held while new processes are stored and registered, and while the
         # sweep decides what is lost: the sweep never takes a process that is
         # being stored or generated here.
@@ -115,6 +119,9 @@ class ProcessQueue(LiveCalls):
         # queue never counts toward a model call's timeout (t2i_task/jobs/scheduler.py).
         self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size)
         self._sweeper: asyncio.Task | None = None
+        self._renewer: asyncio.Task | None = None
+        self._more_work = asyncio.Event()  # set when the model has room and unclaimed work may wait
+        self._more_waiting = False  # the last claim took all it had room for: more may wait
         self._progress_watcher: asyncio.Task | None = None
         self._retention: asyncio.Task | None = None
         self._stopping: set[asyncio.Task] = set()  # stops of abandoned live calls, held until done
@@ -144,7 +151,7 @@ class ProcessQueue(LiveCalls):
         self.admit()
         async with self._claims:
             process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
-                                    parameters=stored_parameters(model, params))
+                                    parameters=stored_parameters(model, params), lease_s=self.serving.lease_s)
             self.accept(process, model, params)
         return process
 
@@ -155,6 +162,7 @@ class ProcessQueue(LiveCalls):
         """Run a stored process in the background; the caller answers at once."""
         job = asyncio.create_task(self._run_queued(process, model, params))
         self.pending[process.id] = job
+        self.keep_leases()
         job.add_done_callback(lambda done: self._forget(process.id, done))
 
     async def _run_queued(self, process: GenerativeProcess, model: ServedModel | None,
@@ -163,7 +171,7 @@ class ProcessQueue(LiveCalls):
             try:
                 model, params = await self._stored_run(process)
             except (UnknownModel, ValidationError) as exc:
-                await self.db(self.store.fail_process, process.id, f"cannot run as stored: {exc}")
+                await self.db(self.store.fail_process, process.id, f"cannot run as stored: {exc}", self.instance)
                 return
         await self.generate(process, model, params, requeue_if_stopped=True)
 
@@ -180,6 +188,7 @@ class ProcessQueue(LiveCalls):
 
     def _forget(self, process_id: int, job: asyncio.Task) -> None:
         self.pending.pop(process_id, None)
+        self.room_made()
         if not job.cancelled():
             job.exception()  # consumed: the failure is already recorded as the process's ERROR
 
@@ -196,8 +205,10 @@ class ProcessQueue(LiveCalls):
 
         Returns its output rows (file names) on success, raises on failure. If
         the server is stopping (the task cancelled, draining, or the model
-        service gone) and `requeue_if_stopped`, a started process goes back to
-        DELIVERED for the next start or sweep instead: stopping is not its failure.
+        service gone) and `requeue_if_stopped`, the process is released to the
+        queue instead (any replica takes it): stopping is not its failure. A process
+        ended or taken over elsewhere meanwhile (`lost`, LeaseLost) gets nothing
+        stored here: GenerationFailed.
         """
         saved: list[tuple[str, str]] = []
         started = False
@@ -250,22 +261,30 @@ class ProcessQueue(LiveCalls):
                 images = [resized(image, *asked) for image in generated.images]
                 saved.extend(self.store.images.save(lambda folder: self.task.process_output(
                     images, images_path=folder, parameters=provenance)))
-                self.store.finish_process(process.id, saved)
+                self.store.finish_process(process.id, saved, holder=self.instance)  # LeaseLost if taken over
 
-            await to_thread.run_sync(save_and_finish)
+            self.saving.add(process.id)  # a lost lease no longer stops it: finish_process decides
+            try:
+                await to_thread.run_sync(save_and_finish)
+            finally:
+                self.saving.discard(process.id)
             return Finished(saved, [resized(image, *asked) for image in generated.previews], generated.prompt_tokens)
         except BaseException as exc:
             self.store.remove_images(name for name, _ in saved)
+            if isinstance(exc, LeaseLost) or process.id in self.lost:
+                self.lost.discard(process.id)
+                log.warning("process %s ended or was taken over elsewhere; nothing of it is stored here", process.id)
+                raise GenerationFailed(f"Process {process.id} was ended or taken over by another replica "
+                                       "while it ran here.") from exc
             try:
                 stopping = isinstance(exc, (asyncio.CancelledError, ModelUnavailable)) or self.draining
                 if process.id in self.cancelling:
                     await self.db(self.store.fail_process, process.id, CANCELLED)
                 elif stopping and requeue_if_stopped:
-                    if started:
-                        await self.db(self.store.deliver_process, process.id)
+                    await self.db(self.store.release, self.instance, [process.id])
                 else:
-                    await self.db(self.store.fail_process, process.id, describe_failure(exc))
-            except Exception:  # already ended, or the database gone: the sweep retries
+                    await self.db(self.store.fail_process, process.id, describe_failure(exc), self.instance)
+            except Exception:  # already ended, taken over, or the database gone: the lease decides
                 log.exception("could not record the outcome of process %s", process.id)
             raise
 
@@ -277,7 +296,7 @@ class ProcessQueue(LiveCalls):
         self.unsent.difference_update(sent)
         if sent:
             try:
-                await self.db(self.store.start_processes, sent)
+                await self.db(self.store.start_processes, sent, self.instance)
             except Exception as exc:  # the database away: they run all the same, and end as they end
                 log.warning("could not mark processes %s started: %s", sent, type(exc).__name__)
 
@@ -292,7 +311,7 @@ class ProcessQueue(LiveCalls):
             raise ProcessEnded(f"Process {process_id} answers a live request (OpenAI API), whose client holds it; "
                                "it cannot be cancelled here.")
         job = self.pending.get(process_id)
-        if job is None:  # queued by another replica, or lost: its owner finds it ended
+        if job is None:  # held by another replica, which finds it ended when it next renews its lease
             await self.db(self.store.fail_process, process_id, CANCELLED)
             return await self.db(self.store.get_process, process_id)
         await self._stop(process_id, job)
@@ -304,34 +323,17 @@ class ProcessQueue(LiveCalls):
     # Start, sweep, stop
 
     async def start(self) -> None:
-        """Re-queue what this instance was doing when it last stopped; drop orphan files."""
-        await self.requeue_lost()
+        """Take back this instance's interrupted work and what waits unheld, drop orphan files, then
+        keep sweeping for work to take (t2i_task/jobs/leases.py)."""
+        await self.take_unheld_work()
         removed = await self.db(self.store.remove_orphan_images, self.serving.request_timeout_s)
         if removed:
             log.warning("removed %d image files that no process names", len(removed))
+        self.keep_leases()
         self._sweeper = asyncio.create_task(self._sweep())
         self._progress_watcher = asyncio.create_task(self.progress.watch(lambda: self.draining))
         if self.settings.storage.retention:
             self._retention = asyncio.create_task(self._forget_old_work(self.settings.storage.retention))
-
-    async def requeue_lost(self) -> None:
-        async with self._claims:
-            requeued, given_up = await self.db(
-                self.store.recover, self.instance, self.serving.max_attempts, exclude=set(self.pending) | self.in_hand
-            )
-            for process in requeued:
-                self.accept(process)
-        if requeued or given_up:
-            log.warning("re-queued %d processes, gave up on %d", len(requeued), len(given_up))
-
-    async def _sweep(self) -> None:
-        """Now and then, re-queue processes whose task was lost (a database outage, say)."""
-        while not self.draining:
-            await asyncio.sleep(SWEEP_INTERVAL_S)
-            try:
-                await self.requeue_lost()
-            except Exception as exc:  # the database may still be away: try again later
-                log.warning("sweep skipped: %s", type(exc).__name__)
 
     async def _forget_old_work(self, retention_s: float) -> None:
         """`storage.retention`: now and then, delete processes that ended longer ago than that, with their
@@ -358,18 +360,24 @@ class ProcessQueue(LiveCalls):
             self.cancelling.discard(process_id)
 
     async def drain(self) -> None:
-        """Refuse new work, let running generations finish, put the rest back in the queue."""
+        """Refuse new work, release what has not reached the model at once (any replica takes it),
+        let running generations finish, release the rest."""
         self.draining = True
         for watcher in (self._sweeper, self._progress_watcher, self._retention):
             if watcher:
                 watcher.cancel()
-        jobs = list(self.pending.values())
-        log.warning("draining: %d processes in hand may run for %.0fs; new work is refused", len(jobs),
-                    self.serving.drain_timeout_s)
+        waiting = [job for process_id, job in self.pending.items() if process_id not in self.at_model]
+        for job in waiting:
+            job.cancel()  # generate() releases its process
+        jobs = [job for job in self.pending.values() if job not in waiting]
+        log.warning("draining: %d queued processes released, %d at the model may run for %.0fs; new work is "
+                    "refused", len(waiting), len(jobs), self.serving.drain_timeout_s)
+        await asyncio.gather(*waiting, return_exceptions=True)
         if jobs:
             _, unfinished = await asyncio.wait(jobs, timeout=self.serving.drain_timeout_s)
             for job in unfinished:
-                job.cancel()  # generate() puts its process back to DELIVERED
+                job.cancel()  # generate() releases its process
             await asyncio.gather(*unfinished, return_exceptions=True)
-            log.warning("drained: %d finished, %d re-queued for the next start", len(jobs) - len(unfinished),
-                        len(unfinished))
+            log.warning("drained: %d finished, %d released", len(jobs) - len(unfinished), len(unfinished))
+        if self._renewer:  # leases were renewed while the running work finished
+            self._renewer.cancel()

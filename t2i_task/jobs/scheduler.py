@@ -26,12 +26,8 @@ import itertools
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from enum import IntEnum
 
-
-class Priority(IntEnum):
-    LIVE = 0  # a client waits on the connection for the images
-    QUEUED = 1  # a stored process; its client polls
+from t2i_task.storage.tables import Priority  # stored with each process
 
 
 @dataclass(order=True)

@@ -34,3 +34,13 @@ class DuplicateSessionName(StoreError, ValueError):
 class InvalidTransition(StoreError, ValueError):
     def __init__(self, process_id: int, current: RunStatus, wanted: RunStatus) -> None:
         super().__init__(f"Process {process_id} is {current.name}; it cannot become {wanted.name}.")
+
+
+class LeaseLost(StoreError):
+    """A replica's write to a process another replica has taken over (its lease had expired), or
+    that ended meanwhile: the write is not made."""
+
+    def __init__(self, process_id: int, holder: str | None) -> None:
+        super().__init__(f"Process {process_id} is no longer held here: "
+                         + (f"replica {holder!r} holds it." if holder else "it was released."))
+        self.process_id, self.holder = process_id, holder

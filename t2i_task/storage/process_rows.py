@@ -1,21 +1,29 @@
-"""A process's rows: created, moved from state to state, recovered after a restart, forgotten.
+"""A process's rows: created, moved from state to state, leased, taken over, forgotten.
 
 `ProcessRows` is the part of the store (store.py) that knows processes; the statements on
 every generation's path are built once here.
+
+Leases: the replica that stores a process owns it (`owner`) until `lease_expires`, and renews
+the lease while the process is in its hands (`renew_leases`). Its writes to a process name it
+(`holder`) and are made only while it still owns the process (else LeaseLost): a replica that
+lost a process to another stores nothing for it. `claim` takes a replica's own work back after
+a restart, work released by a stopping replica (`release`), and work whose lease expired
+(its owner died or hangs), with FOR UPDATE SKIP LOCKED on PostgreSQL so two replicas never
+take the same row.
 """
 
 from __future__ import annotations
 
 import functools
 from collections.abc import Iterable, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Update, bindparam, case, insert, select, text, update
+from sqlalchemy import Update, and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
-from t2i_task.storage.errors import InvalidTransition, ProcessNotFound, SessionNotFound
-from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, ProcessData, RunStatus, utcnow
+from t2i_task.storage.errors import InvalidTransition, LeaseLost, ProcessNotFound, SessionNotFound
+from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, Priority, ProcessData, RunStatus, utcnow
 
 ERROR_PREFIX = "Error details: "
 IMAGE_TYPE = "Image"
@@ -38,14 +46,16 @@ _SESSION_EXISTS = select(_SESSIONS.c.id).where(_SESSIONS.c.id == bindparam("sess
 _INSERT_PROCESS = insert(_PROCESSES).returning(_PROCESSES.c.id)
 _INSERT_ROWS = insert(_DATA).returning(_DATA.c.id, sort_by_parameter_order=True)
 _INSERT_OUTPUTS = insert(_DATA)
-_STATUS_OF = select(_PROCESSES.c.status).where(_PROCESSES.c.id == bindparam("process_id"))
+_STATE_OF = select(_PROCESSES.c.status, _PROCESSES.c.owner).where(_PROCESSES.c.id == bindparam("process_id"))
+_UNENDED = (RunStatus.DELIVERED, RunStatus.STARTED)  # queued or running: held under a lease
+_HOLDER = bindparam("holder")  # the replica writing ("owner" is the column's own name in SET clauses)
 
 
 @functools.cache
-def _move_to(status: RunStatus) -> Update:
+def _move_to(status: RunStatus, held: bool = False) -> Update:
     """The UPDATE that moves process `process_id` to `status` at `now`, from the statuses it may
-    come from only: on PostgreSQL it takes the row's lock, so of two replicas moving one process
-    at once, the second finds it already moved."""
+    come from only (and, `held`, only while replica `holder` owns it): on PostgreSQL it takes the
+    row's lock, so of two replicas moving one process at once, the second finds it already moved."""
     now = bindparam("now", type_=_PROCESSES.c.last_modified.type)
     changes: dict[str, Any] = {"status": status, "last_modified": now}
     if status is RunStatus.DELIVERED:
@@ -58,16 +68,27 @@ def _move_to(status: RunStatus) -> Update:
             total = _PROCESSES.c.progress_total
             changes["progress_step"] = case((total > 0, total), else_=_PROCESSES.c.progress_step)
     sources = [source for source, targets in _TRANSITIONS.items() if status in targets]
-    return (update(_PROCESSES).where(_PROCESSES.c.id == bindparam("process_id"), _PROCESSES.c.status.in_(sources))
-            .values(changes))
+    statement = update(_PROCESSES).where(_PROCESSES.c.id == bindparam("process_id"), _PROCESSES.c.status.in_(sources))
+    if held:
+        statement = statement.where(_PROCESSES.c.owner == _HOLDER)
+    return statement.values(changes)
 
 
 _NOW = bindparam("now", type_=_PROCESSES.c.last_modified.type)
+_IDS = bindparam("ids", expanding=True)
 _START_SENT = (update(_PROCESSES)
-               .where(_PROCESSES.c.id.in_(bindparam("ids", expanding=True)),
-                      _PROCESSES.c.status == RunStatus.DELIVERED)
+               .where(_PROCESSES.c.id.in_(_IDS), _PROCESSES.c.status == RunStatus.DELIVERED)
                .values(status=RunStatus.STARTED, last_modified=_NOW, start_time=_NOW,
                        attempts=_PROCESSES.c.attempts + 1))
+_RENEW = (update(_PROCESSES)
+          .where(_PROCESSES.c.id.in_(_IDS), _PROCESSES.c.owner == _HOLDER, _PROCESSES.c.status.in_(_UNENDED))
+          .values(lease_expires=bindparam("until", type_=_PROCESSES.c.lease_expires.type))
+          .returning(_PROCESSES.c.id))
+_RELEASE = (update(_PROCESSES)
+            .where(_PROCESSES.c.id.in_(_IDS), _PROCESSES.c.owner == _HOLDER, _PROCESSES.c.status.in_(_UNENDED))
+            .values(status=RunStatus.DELIVERED, owner=None, lease_expires=None, last_modified=_NOW,
+                    delivery_time=case((_PROCESSES.c.status == RunStatus.STARTED, _NOW),
+                                       else_=_PROCESSES.c.delivery_time)))
 
 
 # Any fixed 64-bit number: the advisory lock of the replica that runs the retention sweep.
@@ -101,14 +122,17 @@ class ProcessRows:
         status: RunStatus = RunStatus.DELIVERED,
         owner: str | None = None,
         parameters: dict[str, Any] | None = None,
+        lease_s: float | None = None,
+        priority: Priority = Priority.QUEUED,
     ) -> GenerativeProcess:
         """A process and its input rows, in one transaction.
 
         By default the process is DELIVERED at once: this server queues every
         process as soon as it is stored; one that goes to the model at once may
         be stored STARTED (its first attempt). `owner` names the server instance
-        whose queue holds it; `parameters`, what it runs with (its model and
-        generation parameters; their denoising steps are its progress: 0 of them).
+        whose queue holds it, for `lease_s` from now (renewed by `renew_leases`);
+        `parameters`, what it runs with (its model and generation parameters;
+        their denoising steps are its progress: 0 of them).
         """
         steps = (parameters or {}).get("num_inference_steps")
         if status not in (RunStatus.NOT_STARTED, RunStatus.DELIVERED, RunStatus.STARTED):
@@ -119,7 +143,8 @@ class ProcessRows:
                   "delivery_time": now if status is not RunStatus.NOT_STARTED else None,
                   "start_time": now if started else None, "end_time": None, "owner": owner,
                   "attempts": 1 if started else 0, "progress_step": 0 if steps else None, "progress_total": steps,
-                  "parameters": parameters}
+                  "parameters": parameters, "priority": int(priority),
+                  "lease_expires": now + timedelta(seconds=lease_s) if owner and lease_s else None}
         # Core statements, not the ORM's unit of work: every generation is stored on its request's path.
         with self.engine.begin() as db:
             if db.scalar(_SESSION_EXISTS, {"session_id": session_id}) is None:
@@ -149,16 +174,18 @@ class ProcessRows:
     def start_process(self, process_id: int) -> None:
         self._move(process_id, RunStatus.STARTED)
 
-    def start_processes(self, process_ids: Sequence[int]) -> None:
+    def start_processes(self, process_ids: Sequence[int], holder: str | None = None) -> None:
         """Mark queued processes STARTED (their start time, one attempt more) in one transaction:
-        those whose model call has just been sent. One that has ended meanwhile (cancelled) or
-        that was stored started is left as it is."""
+        those whose model call has just been sent. One that has ended meanwhile (cancelled),
+        that was stored started, or (given `holder`) that another replica holds now is left as it is."""
+        statement = _START_SENT if holder is None else _START_SENT.where(_PROCESSES.c.owner == _HOLDER)
         with self.engine.begin() as db:
-            db.execute(_START_SENT, {"ids": list(process_ids), "now": utcnow()})
+            db.execute(statement, {"ids": list(process_ids), "now": utcnow(), "holder": holder})
 
-    def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]]) -> None:
-        """Attach the output rows and mark the process FINISHED, together."""
-        self._move(process_id, RunStatus.FINISHED, outputs)
+    def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]], holder: str | None = None) -> None:
+        """Attach the output rows and mark the process FINISHED, together; given `holder`, only
+        while that replica owns the process (else LeaseLost, and nothing is written)."""
+        self._move(process_id, RunStatus.FINISHED, outputs, holder)
 
     def record_progress(self, progress: dict[int, tuple[int, int]]) -> None:
         """Steps done and in all of running processes, in one transaction; ended ones keep theirs."""
@@ -167,62 +194,104 @@ class ProcessRows:
                     GenerativeProcess.id.in_(progress), GenerativeProcess.status == RunStatus.STARTED)):
                 process.progress_step, process.progress_total = progress[process.id]
 
-    def fail_process(self, process_id: int, message: str) -> None:
-        """Mark the process ERROR with one `("Error details: ...", "str")` output row."""
-        self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")])
+    def fail_process(self, process_id: int, message: str, holder: str | None = None) -> None:
+        """Mark the process ERROR with one `("Error details: ...", "str")` output row; given
+        `holder`, only while that replica owns the process (a cancel comes from any replica)."""
+        self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")], holder)
 
-    def _move(self, process_id: int, status: RunStatus, outputs: Iterable[tuple[str, str]] = ()) -> None:
+    def _move(self, process_id: int, status: RunStatus, outputs: Iterable[tuple[str, str]] = (),
+              holder: str | None = None) -> None:
         # One guarded UPDATE (`_move_to`) rather than loading the process and its rows: the
         # transitions are on every generation's path.
         with self.engine.begin() as db:  # Core, no ORM session: nothing is loaded
-            moved = db.execute(_move_to(status), {"process_id": process_id, "now": utcnow()})
+            moved = db.execute(_move_to(status, holder is not None),
+                               {"process_id": process_id, "now": utcnow(), "holder": holder})
             if moved.rowcount != 1:
-                current = db.scalar(_STATUS_OF, {"process_id": process_id})
-                if current is None:
+                state = db.execute(_STATE_OF, {"process_id": process_id}).one_or_none()
+                if state is None:
                     raise ProcessNotFound(process_id)
+                current, owner = state
+                if holder is not None and current in _UNENDED and owner != holder:
+                    raise LeaseLost(process_id, owner)
                 raise InvalidTransition(process_id, current, status)
             rows = [{"process_id": process_id, "data": data, "data_type": data_type, "is_input": False}
                     for data, data_type in outputs]
             if rows:
                 db.execute(_INSERT_OUTPUTS, rows)
 
-    def recover(
-        self, owner: str, max_attempts: int, exclude: Iterable[int] = ()
-    ) -> tuple[list[GenerativeProcess], list[GenerativeProcess]]:
-        """`owner`'s processes that are queued or running in the database but not in its hands
-        (not in `exclude`): after a restart, all of them.
+    def renew_leases(self, holder: str, process_ids: Iterable[int], lease_s: float) -> set[int]:
+        """Extend `holder`'s leases on these processes to `lease_s` from now, in one statement;
+        the ids it still holds. One missing was ended (cancelled or deleted, perhaps by another
+        replica) or taken over: its holder stops working on it."""
+        ids = list(process_ids)
+        if not ids:
+            return set()
+        with self.engine.begin() as db:
+            until = utcnow() + timedelta(seconds=lease_s)
+            return set(db.scalars(_RENEW, {"ids": ids, "holder": holder, "until": until}))
 
-        A STARTED process goes back to DELIVERED, or to ERROR once it has been
-        started `max_attempts` times (its generation keeps killing the server,
-        or keeps being interrupted). Returns (processes to queue again,
-        processes given up), in one transaction.
+    def release(self, holder: str, process_ids: Iterable[int]) -> int:
+        """Give back processes `holder` will not finish (it is stopping): queued again, owned by
+        nobody, so that any replica takes them at its next sweep. How many were released."""
+        ids = list(process_ids)
+        if not ids:
+            return 0
+        with self.engine.begin() as db:
+            return db.execute(_RELEASE, {"ids": ids, "holder": holder, "now": utcnow()}).rowcount
+
+    def claim(
+        self, owner: str, lease_s: float, max_attempts: int, exclude: Iterable[int] = (), limit: int | None = None,
+    ) -> tuple[list[GenerativeProcess], list[GenerativeProcess]]:
+        """Take queued or running processes that nobody works on, under a lease of `lease_s`:
+        all of `owner`'s own not in its hands (not in `exclude`: after a restart, all of them),
+        then, up to `limit` more, those released or whose lease expired (oldest first, live ones
+        before queued ones).
+
+        A STARTED process goes back to DELIVERED, or to ERROR once it has been started
+        `max_attempts` times (its generation keeps killing the server that takes it, or keeps
+        being interrupted). A live process ends ERROR: the client that waited for it was
+        connected to the replica that stopped. Returns (processes to queue, processes ended),
+        in one transaction.
         """
+        now = utcnow()
         with self._transaction() as db:
-            query = (
-                select(GenerativeProcess)
-                .where(GenerativeProcess.owner == owner)
-                .where(GenerativeProcess.status.in_((RunStatus.DELIVERED, RunStatus.STARTED)))
-                .where(GenerativeProcess.id.not_in(list(exclude)))
-                .order_by(GenerativeProcess.id)
-                .with_for_update()
-            )
-            queued, given_up = [], []
-            now = utcnow()
-            for process in db.scalars(query):
-                if process.status is RunStatus.STARTED and process.attempts >= max_attempts:
+            unheld = (select(GenerativeProcess)
+                      .where(GenerativeProcess.status.in_(_UNENDED), GenerativeProcess.id.not_in(list(exclude)))
+                      .order_by(func.coalesce(GenerativeProcess.priority, Priority.QUEUED), GenerativeProcess.id)
+                      .with_for_update(skip_locked=True))  # rows another replica is claiming are skipped
+            taken = list(db.scalars(unheld.where(GenerativeProcess.owner == owner)))
+            if limit is None or limit > 0:
+                abandoned = unheld.where(or_(GenerativeProcess.owner.is_(None), and_(
+                    GenerativeProcess.owner != owner, GenerativeProcess.lease_expires < now)))
+                taken += db.scalars(abandoned.limit(limit))
+            queued, ended = [], []
+            for process in taken:
+                reason = None
+                if process.priority == Priority.LIVE:
+                    reason = (f"the server answering this request ({process.owner or 'a replica'}) stopped, "
+                              "and its client with it; not run again")
+                elif process.status is RunStatus.STARTED and process.attempts >= max_attempts:
+                    reason = (f"interrupted {process.attempts} times while generating "
+                              f"(server stopped or crashed); not retried again")
+                if reason:
                     process.status, process.end_time = RunStatus.ERROR, now
-                    process.data.append(ProcessData(
-                        data=f"{ERROR_PREFIX}interrupted {process.attempts} times while generating "
-                             f"(server stopped or crashed); not retried again",
-                        data_type="str", is_input=False,
-                    ))
-                    given_up.append(process)
+                    process.data.append(ProcessData(data=ERROR_PREFIX + reason, data_type="str", is_input=False))
+                    ended.append(process)
                 else:
                     if process.status is RunStatus.STARTED:
                         process.status, process.delivery_time = RunStatus.DELIVERED, now
+                    process.owner, process.lease_expires = owner, now + timedelta(seconds=lease_s)
                     queued.append(process)
                 process.last_modified = now
-        return queued, given_up
+        return queued, ended
+
+    def waiting_by_priority(self) -> dict[Priority, int]:
+        """How many stored processes wait for the model (queued, not started), by priority."""
+        priority = func.coalesce(GenerativeProcess.priority, Priority.QUEUED)
+        with self._sessionmaker() as db:
+            counts = dict(db.execute(select(priority, func.count()).where(
+                GenerativeProcess.status == RunStatus.DELIVERED).group_by(priority)).all())
+        return {level: counts.get(int(level), 0) for level in Priority}
 
     def remove_orphan_images(self, older_than_s: float) -> list[str]:
         """Remove PNGs (and unfinished `.part` files) that no process row names.

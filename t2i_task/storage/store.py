@@ -25,8 +25,8 @@ from sqlalchemy.orm import Session, selectinload, sessionmaker
 
 from t2i_task.storage import schema
 from t2i_task.storage.database import connect
-from t2i_task.storage.errors import (DuplicateSessionName, InvalidTransition, NotFoundError, ProcessNotFound,
-                                     SessionNotFound, StoreError)
+from t2i_task.storage.errors import (DuplicateSessionName, InvalidTransition, LeaseLost, NotFoundError,
+                                     ProcessNotFound, SessionNotFound, StoreError)
 from t2i_task.storage.files import ImageFiles, existing
 from t2i_task.storage.process_rows import ERROR_PREFIX, IMAGE_TYPE, RETENTION_LOCK, ProcessRows
 from t2i_task.storage.tables import (
@@ -40,7 +40,7 @@ log = logging.getLogger(__name__)
 
 # What callers import from here.
 __all__ = ["ERROR_PREFIX", "IMAGE_TYPE", "RETENTION_LOCK", "DuplicateSessionName", "InvalidTransition",
-           "NotFoundError", "ProcessNotFound", "SessionNotFound", "Store", "StoreError"]
+           "LeaseLost", "NotFoundError", "ProcessNotFound", "SessionNotFound", "Store", "StoreError"]
 
 
 class Store(ProcessRows):

@@ -11,7 +11,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, String, Text, TypeDecorator
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, SmallInteger, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -44,6 +44,13 @@ class RunStatus(enum.IntEnum):
     STARTED = 2
     FINISHED = 3
     ERROR = 4
+
+
+class Priority(enum.IntEnum):
+    """How soon a process goes to the model (stored with it; lower first)."""
+
+    LIVE = 0  # a client waits on the connection for the images
+    QUEUED = 1  # a stored process; its client polls
 
 
 class Base(DeclarativeBase):
@@ -105,6 +112,12 @@ class GenerativeProcess(Base):
     # generation parameter), so that it runs as asked whatever its session says by then, on a
     # restart or on another replica. Null for processes stored before release 0.4.
     parameters: Mapped[dict[str, Any] | None]
+    # Nor these: until when the owner holds the process (it renews the lease while the process is
+    # in its hands; once the lease has expired any replica may take the process), and its Priority,
+    # so that what waits can be counted by priority for autoscaling. Null for processes stored
+    # before release 0.4 (their owner alone takes them back).
+    lease_expires: Mapped[datetime | None] = mapped_column(index=True)
+    priority: Mapped[int | None] = mapped_column(SmallInteger)
 
     session: Mapped[GenerativeSession] = relationship(back_populates="processes")
     # Loaded with the process: every reader wants its input and output rows.
