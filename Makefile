@@ -9,7 +9,7 @@ CHROMIUM := /usr/bin/chromium
 # BentoML's usage tracking would try the network on every command.
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install serve test test-dashai test-repeat fuzz migration calibrate bento container smoke bench bench-runner loadtest demo-model shapes-64 clean
+.PHONY: install serve test test-dashai test-repeat fuzz migration calibrate bento container smoke bench bench-runner bench-replicas loadtest demo-model shapes-64 clean
 
 install: $(INSTALLED)
 
@@ -95,6 +95,11 @@ USERS ?= 16
 TIME ?= 1m
 loadtest: install
 	$(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(URL) -u $(USERS) -r $(USERS) -t $(TIME) --only-summary
+
+# What each image costs the shared PostgreSQL with 2 and 3 replicas and images in a bucket
+# (moto's S3 server); needs PostgreSQL (T2I_TEST_POSTGRES_URL) and nothing else using it (docs/scaling.md).
+bench-replicas: install
+	$(PY) bench/replicas_cost.py
 
 # DiffusionRunner.generate versus the bare diffusers pipeline (docs/benchmarks.md).
 bench-runner: install

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -43,16 +45,21 @@ def postgres_admin_engine():
     engine.dispose()
 
 
-@pytest.fixture
-def postgres_url(request):
+@contextmanager
+def postgres_schema(admin) -> Iterator[str]:
     """A PostgreSQL URL whose tables live in a schema of their own, dropped afterwards."""
-    admin = request.getfixturevalue("postgres_admin_engine")
     schema = f"t2i_test_{uuid.uuid4().hex[:12]}"
     with admin.connect() as connection:
         connection.execute(text(f'CREATE SCHEMA "{schema}"'))
     yield f"{POSTGRES_URL}?options=-csearch_path%3D{schema}"
     with admin.connect() as connection:
         connection.execute(text(f'DROP SCHEMA "{schema}" CASCADE'))
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_engine):
+    with postgres_schema(postgres_admin_engine) as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

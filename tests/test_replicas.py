@@ -7,9 +7,10 @@ test time; the default is 30 s.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -18,42 +19,73 @@ import pytest
 from sqlalchemy import create_engine, text
 
 from t2i_task.local_server import Server, start_server, write_config
+from tests.conftest import postgres_schema
 from tests.gate import Gate, wait_for
 from tests.test_reliability import all_ended, create_processes, create_session, statuses
 
 IMAGES_PER_PROCESS = 1
 
 
-def gate_in(folder: Path, name: str) -> Gate:
-    (folder / name).mkdir(exist_ok=True)
-    return Gate(folder / name)
+@dataclass
+class Cluster:
+    """Replica B, up for the whole module, and what replica A of each test shares with it."""
+
+    folder: Path
+    database_url: str
+    model_path: Path
+    b: Server
+    gate_b: Gate
+
+    def start_a(self, name: str, **serving) -> tuple[Server, Gate]:
+        """Replica A, with its own gate and `serving` settings; its work held by the gate once it is closed."""
+        folder = self.folder / name
+        folder.mkdir()
+        gate = Gate(folder)
+        config = write_config(folder, self.model_path, serving=serving)
+        env = gate.env(T2I_DATABASE_URL=self.database_url, T2I_INSTANCE_NAME=name,
+                       T2I_IMAGES_DIR=str(self.folder / "images"))
+        return start_server(config, env=env, log_name=f"{name}.log"), gate
+
+    def stored(self) -> dict[int, tuple[str, str, int]]:
+        """(status, owner, attempts) of every process, as the database has them."""
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as db:
+                rows = db.execute(text("SELECT id, status, owner, attempts FROM generative_process"))
+                return {row.id: (row.status, row.owner, row.attempts) for row in rows}
+        finally:
+            engine.dispose()
+
+    def assert_one_result_each(self, http: httpx.Client, ids: list[int]) -> None:
+        names = outputs(http, ids)
+        assert len(names) == len(ids) * IMAGES_PER_PROCESS and len(set(names)) == len(names), "one result each"
+        engine = create_engine(self.database_url)
+        try:
+            with engine.connect() as db:
+                named = set(db.execute(text("SELECT data FROM process_data WHERE data_type = 'Image'")).scalars())
+        finally:
+            engine.dispose()
+        assert {p.name for p in (self.folder / "images").glob("*")} == named, "no orphan image, none missing"
 
 
-def replica(config: Path, gate: Gate, postgres_url: str, name: str) -> Server:
-    return start_server(config, env=gate.env(T2I_DATABASE_URL=postgres_url, T2I_INSTANCE_NAME=name),
-                        log_name=f"{name}.log")
-
-
-def stored(postgres_url: str, ids: list[int]) -> dict[int, tuple[str, str, int]]:
-    """(status, owner, attempts) of each process, as the database has them."""
-    engine = create_engine(postgres_url)
-    try:
-        with engine.connect() as db:
-            rows = db.execute(text("SELECT id, status, owner, attempts FROM generative_process WHERE id = ANY(:ids)"),
-                              {"ids": ids})
-            return {row.id: (row.status, row.owner, row.attempts) for row in rows}
-    finally:
-        engine.dispose()
+@pytest.fixture(scope="module")
+def cluster(tiny_model_path, tmp_path_factory, postgres_admin_engine) -> Iterator[Cluster]:
+    folder = tmp_path_factory.mktemp("replicas")
+    (folder / "b").mkdir()
+    gate_b = Gate(folder / "b")
+    # B's lease settings matter little: a process's lease is its holder's. B sweeps every second.
+    config = write_config(folder / "b", tiny_model_path, serving={"lease_s": 2})
+    with postgres_schema(postgres_admin_engine) as url:
+        b = start_server(config, env=gate_b.env(T2I_DATABASE_URL=url, T2I_INSTANCE_NAME="replica-b",
+                                                T2I_IMAGES_DIR=str(folder / "images")), log_name="replica-b.log")
+        try:
+            yield Cluster(folder, url, tiny_model_path, b, gate_b)
+        finally:
+            b.stop()
 
 
 def outputs(http: httpx.Client, ids: list[int]) -> list[str]:
     return [row["data"] for i in ids for row in http.get(f"/api/v1/generative-process/{i}").json()["output"]]
-
-
-def assert_one_result_each(http: httpx.Client, ids: list[int], folder: Path) -> None:
-    names = outputs(http, ids)
-    assert len(names) == len(ids) * IMAGES_PER_PROCESS and len(set(names)) == len(names), "one result per process"
-    assert {p.name for p in (folder / "images").glob("*")} == set(names), "no orphan image, none missing"
 
 
 def signal_all(server: Server, signum: int) -> None:
@@ -65,16 +97,8 @@ def signal_all(server: Server, signum: int) -> None:
             pass
 
 
-@pytest.fixture
-def folder(tmp_path):
-    return tmp_path
-
-
-def test_a_killed_replicas_queued_and_running_work_is_finished_by_the_other(tiny_model_path, folder, postgres_url):
-    config = write_config(folder, tiny_model_path, serving={"lease_s": 2})
-    gate_a, gate_b = gate_in(folder, "a"), gate_in(folder, "b")
-    a = replica(config, gate_a, postgres_url, "replica-a")
-    b = replica(config, gate_b, postgres_url, "replica-b")
+def test_a_killed_replicas_queued_and_running_work_is_finished_by_the_other(cluster):
+    a, gate_a = cluster.start_a("replica-a1", lease_s=2)
     try:
         gate_a.close()
         with httpx.Client(base_url=a.url, timeout=60) as http:
@@ -84,24 +108,20 @@ def test_a_killed_replicas_queued_and_running_work_is_finished_by_the_other(tiny
         a.kill()  # SIGKILL to every process: nothing is released, the leases expire
         killed = time.monotonic()
 
-        with httpx.Client(base_url=b.url, timeout=60) as http:
+        with httpx.Client(base_url=cluster.b.url, timeout=60) as http:
             assert wait_for(lambda: all_ended(http, ids), timeout=120) == [3] * 6
             took_s = time.monotonic() - killed
-            assert_one_result_each(http, ids, folder)
-        rows = stored(postgres_url, ids)
-        assert {owner for _, owner, _ in rows.values()} == {"replica-b"}
+            cluster.assert_one_result_each(http, ids)
+        stored = cluster.stored()
+        assert {stored[i][1] for i in ids} == {"replica-b"}
         print(f"replica-b finished the 6 processes of the killed replica-a {took_s:.1f} s after the kill (lease 2 s)")
     finally:
         a.kill()
-        b.stop()
 
 
-def test_a_replica_stopped_with_sigterm_releases_its_work_at_once(tiny_model_path, folder, postgres_url):
+def test_a_replica_stopped_with_sigterm_releases_its_work_at_once(cluster):
     # A lease far longer than the test: only the release lets the other replica take the work.
-    config = write_config(folder, tiny_model_path, serving={"lease_s": 600, "drain_timeout_s": 1})
-    gate_a, gate_b = gate_in(folder, "a"), gate_in(folder, "b")
-    a = replica(config, gate_a, postgres_url, "replica-a")
-    b = replica(config, gate_b, postgres_url, "replica-b")
+    a, gate_a = cluster.start_a("replica-a2", lease_s=600, drain_timeout_s=1)
     try:
         gate_a.close()
         with httpx.Client(base_url=a.url, timeout=60) as http:
@@ -111,30 +131,26 @@ def test_a_replica_stopped_with_sigterm_releases_its_work_at_once(tiny_model_pat
         wait_for(lambda: "drained: 0 finished" in a.log.read_text(), what="the drain releasing the running call")
         gate_a.open()  # the model worker's held call ends; nothing of it is stored
         assert a.stop(timeout=60) == 0
-        rows = stored(postgres_url, ids)
-        assert {status for status, _, _ in rows.values()} == {"DELIVERED"}, rows
-        assert {owner for _, owner, _ in rows.values()} == {None}, "owned by nobody: any replica takes them"
-
-        with httpx.Client(base_url=b.url, timeout=60) as http:
+        stored = cluster.stored()
+        assert {stored[i][0] for i in ids} <= {"DELIVERED", "STARTED", "FINISHED"}, stored
+        with httpx.Client(base_url=cluster.b.url, timeout=60) as http:
             assert wait_for(lambda: all_ended(http, ids), timeout=120) == [3] * 4
-            assert_one_result_each(http, ids, folder)
+            cluster.assert_one_result_each(http, ids)
+        stored = cluster.stored()
+        assert {stored[i][1] for i in ids} == {"replica-b"}, "released, and taken by B long before A's lease ends"
     finally:
         a.kill()
-        b.stop()
 
 
-def test_a_replica_that_hung_past_its_lease_stores_nothing_when_it_wakes(tiny_model_path, folder, postgres_url):
-    config = write_config(folder, tiny_model_path, serving={"lease_s": 2})
-    gate_a, gate_b = gate_in(folder, "a"), gate_in(folder, "b")
-    a = replica(config, gate_a, postgres_url, "replica-a")
-    b = replica(config, gate_b, postgres_url, "replica-b")
+def test_a_replica_that_hung_past_its_lease_stores_nothing_when_it_wakes(cluster):
+    a, gate_a = cluster.start_a("replica-a3", lease_s=2)
     try:
         gate_a.close()
         with httpx.Client(base_url=a.url, timeout=60) as http:
             [process_id] = create_processes(http, create_session(http, "hung"), 1)
             gate_a.wait_until_held()
         signal_all(a, signal.SIGSTOP)  # hung: no renewals, and its generation waits mid-call
-        with httpx.Client(base_url=b.url, timeout=60) as http:
+        with httpx.Client(base_url=cluster.b.url, timeout=60) as http:
             assert wait_for(lambda: all_ended(http, [process_id]), timeout=120) == [3], "taken over and finished"
             finished_by_b = outputs(http, [process_id])
 
@@ -142,10 +158,9 @@ def test_a_replica_that_hung_past_its_lease_stores_nothing_when_it_wakes(tiny_mo
             signal_all(a, signal.SIGCONT)  # a wakes, its generation finishes: the process is no longer its own
             wait_for(lambda: "taken over elsewhere" in a.log.read_text(), what="replica-a letting the process go")
             assert outputs(http, [process_id]) == finished_by_b, "b's result stays the only one"
-            assert_one_result_each(http, [process_id], folder)
+            cluster.assert_one_result_each(http, [process_id])
             assert http.get(f"/api/v1/generative-process/{process_id}").json()["status"] == 3
-        assert os.path.exists(a.log) and a.process.poll() is None, "replica-a carries on"
+        assert a.process.poll() is None, "replica-a carries on"
     finally:
         signal_all(a, signal.SIGCONT)
         a.kill()
-        b.stop()
