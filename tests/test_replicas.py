@@ -164,3 +164,29 @@ def test_a_replica_that_hung_past_its_lease_stores_nothing_when_it_wakes(cluster
     finally:
         signal_all(a, signal.SIGCONT)
         a.kill()
+
+
+def test_progress_and_cancel_work_through_a_replica_that_does_not_run_the_process(cluster):
+    a, gate_a = cluster.start_a("replica-a4", lease_s=2)
+    try:
+        with gate_a.holding_after_step(3) as reached, httpx.Client(base_url=a.url, timeout=60) as on_a, \
+                httpx.Client(base_url=cluster.b.url, timeout=60) as on_b:
+            [process_id] = create_processes(on_a, create_session(on_a, "cancel-elsewhere", num_inference_steps=20), 1)
+            wait_for(reached, what="the call on replica-a part-way through")
+            # replica-a writes its progress to the database every second; replica-b reads it there.
+            wait_for(lambda: on_b.get(f"/api/v1/generative-process/{process_id}").json()["progress"] ==
+                     {"step": 3, "total": 20}, timeout=30, what="progress seen through replica-b")
+
+            cancelled = on_b.post(f"/api/v1/generative-process/{process_id}/cancel")
+            assert cancelled.status_code == 202 and cancelled.json()["status"] == 4
+            wait_for(lambda: "taken over elsewhere" in a.log.read_text(), what="replica-a stopping the process")
+        # The hold ends with the block: replica-a's call stops at its next step.
+        steps_log = gate_a.path.with_name("gate.steps")
+        ran = wait_for(lambda: steps_log.exists() and steps_log.read_text().split(), what="the call's end")
+        assert int(ran[-1]) < 20, "the call stopped early"
+        with httpx.Client(base_url=cluster.b.url, timeout=60) as on_b:
+            process = on_b.get(f"/api/v1/generative-process/{process_id}").json()
+            assert process["status"] == 4 and [row["data"] for row in process["output"]] == ["Error details: cancelled"]
+            cluster.assert_one_result_each(on_b, [])  # and no image anywhere
+    finally:
+        a.kill()
