@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -31,31 +30,12 @@ import httpx
 from sqlalchemy import create_engine, text
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from t2i_task.local_server import free_port, start_server, write_config  # noqa: E402
+from t2i_task.local_server import start_s3_server, start_server, write_config  # noqa: E402
 
 POSTGRES = os.environ.get("T2I_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BUCKET = "t2i-images"
 POLL_S = 2.0
 TABLES = ("generative_process", "process_data", "generative_session")
-
-
-def start_s3(folder: Path) -> tuple[subprocess.Popen, dict[str, str]]:
-    port = free_port()
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
-                              stdout=(folder / "moto.log").open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.put(f"{url}/{BUCKET}").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise RuntimeError("moto's S3 server did not start")
-        time.sleep(0.2)
-    return server, {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                    "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
 
 
 class Counters:
@@ -94,7 +74,7 @@ def measure(replicas: int, processes: int, idle_s: float) -> dict:
         db.execute(text(f'CREATE SCHEMA "{schema}"'))
     url = f"{POSTGRES}?options=-csearch_path%3D{schema}"
     folder = Path(tempfile.mkdtemp(prefix="replicas-cost-"))
-    s3, aws = start_s3(folder)
+    s3, aws = start_s3_server(folder / "moto.log", BUCKET)
     servers = []
     try:
         config = write_config(folder)

@@ -180,3 +180,25 @@ def _start_server_on(port: int, config: Path, timeout: float, env: dict[str, str
         time.sleep(0.3)
     server.stop()
     raise RuntimeError(f"server not ready after {timeout}s:\n{log.read_text()[-4000:]}")
+
+
+def start_s3_server(log: Path, bucket: str) -> tuple[subprocess.Popen, dict[str, str]]:
+    """moto's S3 server (from the dev extra) on a free port, with `bucket` made: the server and the
+    standard AWS environment that points a client at it. Terminate the server when done."""
+    port = free_port()
+    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
+                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            if httpx.put(f"{url}/{bucket}").status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        if time.monotonic() > deadline:
+            server.terminate()
+            raise RuntimeError(f"moto's S3 server did not start:\n{log.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return server, {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+                    "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}

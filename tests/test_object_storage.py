@@ -8,16 +8,13 @@ from __future__ import annotations
 
 import base64
 import io
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from PIL import Image
 
-from t2i_task.local_server import free_port, start_server, write_config
+from t2i_task.local_server import start_s3_server, start_server, write_config
 from t2i_task.storage.files import ImageFiles
 from tests.test_service import TASK, wait_until_ended
 
@@ -27,22 +24,8 @@ BUCKET = "t2i-images"
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory):
     """moto's S3 server on a free port, with a bucket; the AWS environment a client needs to reach it."""
-    port = free_port()
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
-    server = subprocess.Popen([str(Path(sys.executable).with_name("moto_server")), "-p", str(port)],
-                              stdout=log.open("wb"), stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.put(f"{url}/{BUCKET}").status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
-    yield {"AWS_ENDPOINT_URL": url, "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
-           "AWS_REGION": "us-east-1", "AWS_ALLOW_HTTP": "true"}
+    server, environment = start_s3_server(tmp_path_factory.mktemp("moto") / "moto.log", BUCKET)
+    yield environment
     server.terminate()
     server.wait(10)
 

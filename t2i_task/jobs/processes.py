@@ -211,7 +211,6 @@ class ProcessQueue(LiveCalls, Leases):
         stored here: GenerationFailed.
         """
         saved: list[tuple[str, str]] = []
-        started = False
         try:
             prompt = self.task.prepare_for_task(process.input)
             asked = (params.width, params.height)
@@ -237,7 +236,6 @@ class ProcessQueue(LiveCalls, Leases):
                 try:
                     generated = await self.model.generate(request)
                 finally:
-                    started = process.id not in self.unsent
                     self.unsent.discard(process.id)
                     self.at_model.discard(process.id)
                     self.progress.forget(process.id)
