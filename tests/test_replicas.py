@@ -7,6 +7,7 @@ test time; the default is 30 s.
 
 from __future__ import annotations
 
+import re
 import signal
 import time
 from collections.abc import Iterator
@@ -88,6 +89,13 @@ def outputs(http: httpx.Client, ids: list[int]) -> list[str]:
     return [row["data"] for i in ids for row in http.get(f"/api/v1/generative-process/{i}").json()["output"]]
 
 
+def stored_work_waiting(server: Server) -> dict[str, int]:
+    """The autoscaling gauge, by priority, from the server's /metrics."""
+    metrics = httpx.get(f"{server.url}/metrics", timeout=30).text
+    return {priority: int(float(value)) for priority, value in
+            re.findall(r'^t2i_stored_work_waiting{priority="(\w+)"} (\S+)$', metrics, re.MULTILINE)}
+
+
 def signal_all(server: Server, signum: int) -> None:
     """A signal to the server and every worker (as a hung machine or a debugger stops them all)."""
     for process in server._processes():
@@ -105,6 +113,11 @@ def test_a_killed_replicas_queued_and_running_work_is_finished_by_the_other(clus
             ids = create_processes(http, create_session(http, "takeover"), 6)
             gate_a.wait_until_held()
             assert 2 in statuses(http, ids), "one call is running when the replica dies"
+        # What waits is counted from the database, so replica-b reports replica-a's waiting work.
+        waiting = sum(cluster.stored()[i][0] == "DELIVERED" for i in ids)
+        assert waiting > 0
+        wait_for(lambda: stored_work_waiting(cluster.b) == {"live": 0, "queued": waiting}, timeout=30,
+                 what=f"replica-b's gauge at {waiting} queued")
         a.kill()  # SIGKILL to every process: nothing is released, the leases expire
         killed = time.monotonic()
 
