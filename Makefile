@@ -115,8 +115,12 @@ demo-model: install
 # Trains shapes-64 (64x64 pictures, 16x16 latents) into models/shapes-64, then scores it with the
 # judge. Hours on 2 CPU cores (demo_model's card and docs have the figures): it saves its state
 # every 100 steps, and running it again after a stop resumes where it stopped.
+# The autoencoder it was trained with is kept in demo_model_64/vae and reused; to train that too:
+# make shapes-64 SHAPES64_AUTOENCODER=
+SHAPES64_AUTOENCODER ?= demo_model_64
 shapes-64: install
-	$(PY) -m training.train_demo_model models/shapes-64 --resolution 64 --latent-side 16 --unet-steps 4500 --threads 2
+	$(PY) -m training.train_demo_model models/shapes-64 --resolution 64 --latent-side 16 --unet-steps 4500 --threads 2 \
+		$(if $(SHAPES64_AUTOENCODER),--autoencoder $(SHAPES64_AUTOENCODER))
 	$(PY) -m training.evaluate models/shapes-64 --images 300
 
 clean:
