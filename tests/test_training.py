@@ -39,6 +39,22 @@ def test_a_smoke_run_writes_a_pipeline_the_server_loads(tmp_path):
     assert result.images[0].size == (64, 64)
 
 
+def test_a_saved_pipeline_trains_further_with_offset_noise(tmp_path):
+    first, further = tmp_path / "first", tmp_path / "further"
+    small = ["--vae-steps", "3", "--latents", "32", "--unet-steps", "3", "--batch", "4"]
+    for target, extra in ((first, []), (further, ["--init", str(first), "--noise-offset", "0.1", "--lr", "1e-4"])):
+        done = subprocess.run([sys.executable, "-m", "training.train_demo_model", str(target), *small, *extra],
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert f"autoencoder: reusing {first / 'vae'}" in done.stdout
+    from safetensors.torch import load_file
+
+    weights = [load_file(folder / "vae" / "diffusion_pytorch_model.safetensors") for folder in (first, further)]
+    assert all((weights[0][key] == weights[1][key]).all() for key in weights[0]), "the autoencoder is kept as it was"
+    unets = [load_file(folder / "unet" / "diffusion_pytorch_model.safetensors") for folder in (first, further)]
+    assert any((unets[0][key] != unets[1][key]).any() for key in unets[0]), "the denoiser trained further"
+
+
 def test_evaluation_scores_a_model_and_rewrites_only_its_card_section(tmp_path, tiny_model_path):
     model = tmp_path / "model"
     shutil.copytree(tiny_model_path, model)
