@@ -100,7 +100,7 @@ def test_the_shipped_configuration_is_calibrated_and_its_defaults_fit():
 def test_calibration_measures_the_model_and_rewrites_only_the_cost_line(tiny_model_path, tmp_path):
     config = tmp_path / "configuration.yaml"
     shutil.copy(DEFAULT_CONFIG_PATH, config)
-    text = config.read_text().replace("path: ./demo_model", f"path: {tiny_model_path}")
+    text = config.read_text().replace("path: ./demo_model\n", f"path: {tiny_model_path}\n")
     config.write_text(text)
     served = load_settings(config)
 

@@ -93,7 +93,9 @@ def test_the_text_to_image_chat_end_to_end(ui, dashai_server):
     [task] = ui.get("/v1/component/", params={"select_types": "GenerativeTask"}).json()
     assert task["name"] == TASK and task["metadata"]["inputs"] == {"str": {"min": 1, "max": 1}}
     assert task["metadata"]["outputs_types"] == ["Image"]  # older front ends read the seed's keys
-    [model] = ui.get("/v1/component/", params={"related_component": TASK}).json()
+    models = ui.get("/v1/component/", params={"related_component": TASK}).json()
+    assert [m["name"] for m in models] == ["shapes-32", "shapes-64"], "each model of the registry, the default first"
+    model = models[0]
     assert model["type"] == "GenerativeModel" and model["downloaded"] and not model["metadata"]["requires_download"]
     assert ui.get(f"/v1/component/{model['name']}/").json() == model
     assert ui.get(f"/v1/component/{model['name']}/download").json() == {"downloaded": True,
@@ -149,7 +151,7 @@ def test_the_text_to_image_chat_end_to_end(ui, dashai_server):
 
 
 def test_jobs_are_confirmed_once_and_other_job_types_refused(ui):
-    [model] = ui.get("/v1/component/", params={"related_component": TASK}).json()
+    model = ui.get("/v1/component/", params={"related_component": TASK}).json()[0]
     session = create_session_as_the_ui_does(ui, "jobs", model)
     process = ask(ui, session["id"], "a yellow triangle")
     again = ui.post("/v1/job/", files={"job_type": (None, "GenerativeJob"),

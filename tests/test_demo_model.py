@@ -41,8 +41,9 @@ FIXED_PROMPTS = [
 ]
 
 
-def test_the_shipped_weights_are_small_safetensors():
-    folder = PROJECT_ROOT / "demo_model"
+@pytest.mark.parametrize("folder", ["demo_model", "demo_model_64"])
+def test_the_shipped_weights_are_small_safetensors(folder):
+    folder = PROJECT_ROOT / folder
     files = [path for path in folder.rglob("*") if path.is_file()]
     assert not [path for path in files if path.suffix in {".bin", ".pt", ".ckpt", ".pkl"}]
     assert {path.parent.name for path in files if path.suffix == ".safetensors"} == {"unet", "vae", "text_encoder"}
@@ -67,15 +68,19 @@ def seen(b64_png: str) -> Scene:
     return judge(Image.open(io.BytesIO(base64.b64decode(b64_png))))
 
 
-def test_the_shipped_model_is_the_default_and_named_by_v1_models(http):
+def test_the_shipped_models_are_served_and_shapes_32_is_the_default(http):
     assert load_settings().default_model.name == "shapes-32"
-    assert [model["id"] for model in http.get("/v1/models").json()["data"]] == ["shapes-32"]
+    models = {model["id"]: model for model in http.get("/v1/models").json()["data"]}
+    assert {"shapes-32", "shapes-64"} <= models.keys()
 
 
+@pytest.mark.parametrize("model, side", [("shapes-32", 32), ("shapes-64", 64)])
 @pytest.mark.parametrize("prompt, wanted", FIXED_PROMPTS, ids=[prompt for prompt, _ in FIXED_PROMPTS])
-def test_fixed_prompts_come_back_as_asked_at_the_default_settings(http, prompt, wanted):
-    response = http.post("/v1/images/generations", json={"prompt": prompt, "response_format": "b64_json", "seed": 7})
+def test_fixed_prompts_come_back_as_asked_at_the_default_settings(http, model, side, prompt, wanted):
+    response = http.post("/v1/images/generations", json={"prompt": prompt, "response_format": "b64_json", "seed": 7,
+                                                         "model": model})
     assert response.status_code == 200, response.text
+    assert response.json()["size"] == f"{side}x{side}", "each model draws at its own default size"
     picture = seen(response.json()["data"][0]["b64_json"])
     assert (picture.colour, picture.shape, picture.background) == (wanted.colour, wanted.shape, wanted.background)
     if wanted.position:
