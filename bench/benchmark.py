@@ -14,7 +14,7 @@ At the served model's defaults (configuration.yaml's `defaults`: size, steps, gu
 3. At the highest concurrency, a burst of DashAI processes: each is accepted
    (201) or refused (429/503, JSON), and every accepted one must end FINISHED
    or ERROR.
-4. A larger workload (`--large-size`, 64x64 by default, drawn at that size)
+4. A larger workload (`--large-size`, 128x128 by default, drawn at that size)
    where the step loop dominates: bare batch 1 and 8 against concurrency 1 and 16.
 
 The ratios compare a served level with the bare pipeline measured beside it,
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--seconds", type=float, default=20.0, help="load time per concurrency level")
     parser.add_argument("--rounds", type=int, default=10, help="timed calls per bare batch size")
-    parser.add_argument("--large-size", type=int, default=64,
+    parser.add_argument("--large-size", type=int, default=128,
                         help="side of the larger workload, drawn at that size (0: skip it)")
     parser.add_argument("--fail-below", type=float, default=0.9, help="exit 1 if a serving-overhead ratio is below this")
     parser.add_argument("--results", type=Path, default=RESULTS)

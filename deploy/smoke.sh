@@ -45,22 +45,22 @@ response=$(mktemp)
 curl -fsS -X POST "$url/v1/images/generations" -H 'Content-Type: application/json' -o "$response" \
     -d '{"prompt": "a red circle on a blue background", "response_format": "b64_json", "seed": 42}' \
     || fail "the generation request failed"
-# The demo model draws the shape the prompt names: blue must dominate and a red area show.
+# The default model (shapes-64) draws the shape the prompt names: blue must dominate and a red area show.
 "$python" - "$response" <<'EOF' || fail "the image is not the expected picture"
 import base64, io, json, struct, sys
 png = base64.b64decode(json.load(open(sys.argv[1]))["data"][0]["b64_json"])
 assert png[:8] == b"\x89PNG\r\n\x1a\n", "not a PNG"
 size = struct.unpack(">II", png[16:24])
-assert size == (32, 32), f"size {size}"
+assert size == (64, 64), f"size {size}"
 try:
     from PIL import Image
 except ImportError:
-    sys.exit(print("PNG 32x32 (no PIL here: pixels not checked)"))
+    sys.exit(print("PNG 64x64 (no PIL here: pixels not checked)"))
 pixels = Image.open(io.BytesIO(png)).convert("RGB").tobytes()
 rgb = [pixels[i:i + 3] for i in range(0, len(pixels), 3)]
 blue = sum(b > r + 40 and b > g + 40 for r, g, b in rgb) / len(rgb)
 red = sum(r > g + 60 and r > b + 60 for r, g, b in rgb) / len(rgb)
-print(f"PNG 32x32: {blue:.0%} blue, {red:.0%} red pixels")
+print(f"PNG 64x64: {blue:.0%} blue, {red:.0%} red pixels")
 assert blue > 0.5 and red > 0.05, "not mostly blue with a red area"
 EOF
 rm -f "$response"

@@ -45,10 +45,11 @@ def no_env_overrides(monkeypatch):
         monkeypatch.delenv(name, raising=False)
 
 
-def test_the_shipped_configuration_serves_the_demo_model():
+def test_the_shipped_configuration_serves_the_projects_models_64_pixels_by_default():
     settings = load_settings()
     root = DEFAULT_CONFIG_PATH.parent
-    assert settings.default_model.path == str(root / "demo_model") and settings.default_model.name == "shapes-32"
+    assert settings.default_model.path == str(root / "demo_model_64") and settings.default_model.name == "shapes-64"
+    assert {m.name: m.path for m in settings.served_models}["shapes-32"] == str(root / "demo_model")
     assert settings.storage.database_url == f"sqlite:///{root / 'data' / 't2i.db'}"
     assert settings.storage.images_dir == str(root / "data" / "images")
     assert settings.runtime.device == "auto" and settings.batching.max_batch_size > 1
@@ -59,7 +60,7 @@ def test_relative_paths_are_resolved_against_the_files_folder(write_config, monk
     monkeypatch.chdir(tmp_path)  # another working directory changes nothing
     settings = load_settings(path)
     assert settings.storage.images_dir == str(path.parent / "data" / "images")
-    assert settings.default_model.path == str(path.parent / "demo_model")
+    assert settings.default_model.path == str(path.parent / "demo_model_64")
 
 
 def test_a_hub_model_id_is_kept_as_it_is(write_config):
@@ -86,9 +87,9 @@ def test_environment_overrides_the_storage_keys_and_the_file(write_config, monke
         ({"batching": {"max_batch_size": 1}}, "batching.max_batch_size"),
         ({"defaults": {"width": 100}}, "defaults.width: Input should be a multiple of 8"),
         ({"model": {"defaults": {"num_inference_steps": 500}}},
-         "model shapes-32: its defaults do not fit its limits: num_inference_steps must be between 1 and 50"),
-        ({"model": {"limits": {"max_stepz": 5}}}, "model shapes-32: max_stepz: Extra inputs are not permitted"),
-        ({"default_model": "sdxl"}, "default_model 'sdxl' is not one of the models: shapes-32"),
+         "model shapes-64: its defaults do not fit its limits: num_inference_steps must be between 1 and 50"),
+        ({"model": {"limits": {"max_stepz": 5}}}, "model shapes-64: max_stepz: Extra inputs are not permitted"),
+        ({"default_model": "sdxl"}, "default_model 'sdxl' is not one of the models: shapes-64, shapes-32"),
         ({"models": [{"name": "a", "path": "a"}, {"name": "b", "path": "b", "aliases": ["a"]}]},
          "the model name 'a' is used twice"),
         ({"model": None}, "no model: give `model` (one model) or `models` (a registry)"),
@@ -113,8 +114,8 @@ def test_an_unreadable_file_is_a_clear_error(tmp_path):
 def test_session_parameters_fill_in_defaults_and_respect_limits():
     settings = load_settings()
     params = settings.default_model.validate_parameters({"width": 128, "seed": 5})
-    assert (params.width, params.height, params.seed) == (128, settings.defaults.height, 5)
-    assert params.num_inference_steps == settings.defaults.num_inference_steps
+    assert (params.width, params.height, params.seed) == (128, settings.default_model.defaults.height, 5)
+    assert params.num_inference_steps == settings.default_model.defaults.num_inference_steps
 
 
 @pytest.mark.parametrize(

@@ -100,14 +100,14 @@ def test_the_shipped_configuration_is_calibrated_and_its_defaults_fit():
 def test_calibration_measures_the_model_and_rewrites_only_the_cost_line(tiny_model_path, tmp_path):
     config = tmp_path / "configuration.yaml"
     shutil.copy(DEFAULT_CONFIG_PATH, config)
-    text = config.read_text().replace("path: ./demo_model\n", f"path: {tiny_model_path}\n")
+    text = config.read_text().replace("path: ./demo_model_64\n", f"path: {tiny_model_path}\n")
     config.write_text(text)
     served = load_settings(config)
 
     cost, timings = measure(DiffusionRunner(served.default_model.path, served.runtime), served.default_model)
-    # The smallest, middle and largest sides the model draws (model.sizes: 32 to 48), not the
+    # The smallest, middle and largest sides the model draws (model.sizes: 64 to 80), not the
     # sizes a client may ask for (up to 2048): those are drawn inside that range.
-    assert [side for side, _ in timings] == [32, 40, 48]
+    assert [side for side, _ in timings] == [64, 72, 80]
     assert cost.seconds_per_megapixel_step > 0 and cost.overhead_s >= 0 and "CPU" in cost.measured_on
 
     store(config, cost)

@@ -94,7 +94,7 @@ def test_the_text_to_image_chat_end_to_end(ui, dashai_server):
     assert task["name"] == TASK and task["metadata"]["inputs"] == {"str": {"min": 1, "max": 1}}
     assert task["metadata"]["outputs_types"] == ["Image"]  # older front ends read the seed's keys
     models = ui.get("/v1/component/", params={"related_component": TASK}).json()
-    assert [m["name"] for m in models] == ["shapes-32", "shapes-64"], "each model of the registry, the default first"
+    assert [m["name"] for m in models] == ["shapes-64", "shapes-32"], "each model of the registry, the default first"
     model = models[0]
     assert model["type"] == "GenerativeModel" and model["downloaded"] and not model["metadata"]["requires_download"]
     assert ui.get(f"/v1/component/{model['name']}/").json() == model
@@ -105,11 +105,11 @@ def test_the_text_to_image_chat_end_to_end(ui, dashai_server):
     negative = model["schema"]["properties"]["negative_prompt"]
     assert negative["placeholder"] == " " and [option["type"] for option in negative["anyOf"]] == ["null", "string"]
     width = model["schema"]["properties"]["width"]
-    assert (width["placeholder"], width["minimum"], width["maximum"]) == (32, 32, 2048)
+    assert (width["placeholder"], width["minimum"], width["maximum"]) == (64, 32, 2048)
     assert model["schema"]["properties"]["device"]["placeholder"] == "CPU"
 
     session = create_session_as_the_ui_does(ui, "chat", model)
-    assert session["parameters"]["device"] == "CPU" and session["parameters"]["width"] == 32
+    assert session["parameters"]["device"] == "CPU" and session["parameters"]["width"] == 64
     assert session["parameters"]["negative_prompt"] is None, "a blank one is stored as none"
     assert create_session_as_the_ui_does(ui, "chat", model)["name"] == "chat_1"  # the UI's retry on 409
 
@@ -119,16 +119,16 @@ def test_the_text_to_image_chat_end_to_end(ui, dashai_server):
     picture = ui.get(f"/v1/generative-process/file/{image['data']}")
     assert picture.status_code == 200 and picture.headers["content-type"] == "image/png"
     assert picture.headers["access-control-allow-origin"] == FRONT_END
-    assert Image.open(io.BytesIO(picture.content)).size == (32, 32)
+    assert Image.open(io.BytesIO(picture.content)).size == (64, 64)
     assert ui.get(f"/v1/job/{process['id']}").json()["status"] == "finished"
 
     # The settings panel sends the changed values bare; DashAI merges them into the old ones.
-    updated = ui.put(f"/v1/generative-session/{session['id']}/parameters", json={"seed": 7, "width": 64})
-    assert updated.status_code == 200 and updated.json()["parameters"]["height"] == 32
+    updated = ui.put(f"/v1/generative-session/{session['id']}/parameters", json={"seed": 7, "width": 80})
+    assert updated.status_code == 200 and updated.json()["parameters"]["height"] == 64
     assert ask(ui, session["id"], "a green square")["status"] == 3
     history = ui.get(f"/v1/generative-session/parameters-history/{session['id']}").json()
     assert history[-1]["changes"] == [{"parameter": "seed", "oldValue": -1, "newValue": 7},
-                                      {"parameter": "width", "oldValue": 32, "newValue": 64}]
+                                      {"parameter": "width", "oldValue": 64, "newValue": 80}]
     bad = ui.put(f"/v1/generative-session/{session['id']}/parameters", json={"width": 4000})
     assert bad.status_code == 422 and bad.json()["field"] == "width"
 

@@ -68,8 +68,8 @@ def seen(b64_png: str) -> Scene:
     return judge(Image.open(io.BytesIO(base64.b64decode(b64_png))))
 
 
-def test_the_shipped_models_are_served_and_shapes_32_is_the_default(http):
-    assert load_settings().default_model.name == "shapes-32"
+def test_the_shipped_models_are_served_and_shapes_64_is_the_default(http):
+    assert load_settings().default_model.name == "shapes-64"
     models = {model["id"]: model for model in http.get("/v1/models").json()["data"]}
     assert {"shapes-32", "shapes-64"} <= models.keys()
 
@@ -115,7 +115,7 @@ def test_readme_examples_work_as_printed_and_the_quickstart_picture_is_what_curl
     assert len(list(tmp_path.glob("openai-*.png"))) == 2
 
     made = Image.open(tmp_path / "image.png").convert("RGB")
-    assert made.size == (32, 32)
+    assert made.size == (64, 64)
     prompt = re.search(r'"prompt": "([^"]+)"', section).group(1)
     assert prompt == "a red circle on a blue background"
     picture = judge(made)

@@ -27,7 +27,7 @@ PROMPT, WANTED = "a red circle on a blue background", ("red", "circle", "blue")
 
 @pytest.fixture(scope="module")
 def shipped_server(tmp_path_factory):
-    """configuration.yaml as shipped: shapes-32, drawn at sides 32 to 48, asked up to 2048."""
+    """configuration.yaml as shipped: shapes-64 by default, drawn at sides 64 to 80, asked up to 2048."""
     server = start_server(write_config(tmp_path_factory.mktemp("clients")))
     yield server
     server.stop()
@@ -63,12 +63,12 @@ def test_each_documented_size_is_that_size_and_follows_the_prompt(client, size):
     response = client.images.generate(model="dall-e-3", prompt=PROMPT, size=size, quality="hd",
                                       response_format="b64_json", extra_body={"seed": 5})
     image = picture(response.data[0].b64_json)
-    asked = (32, 32) if size == "auto" else tuple(int(side) for side in size.split("x"))
+    asked = (64, 64) if size == "auto" else tuple(int(side) for side in size.split("x"))
     assert image.size == asked
-    # The answer and the PNG say which size was drawn: inside 32-48, with the asked aspect ratio.
+    # The answer and the PNG say which size was drawn: inside 64-80, with the asked aspect ratio.
     assert image.text["size"] == f"{asked[0]}x{asked[1]}" and image.text["drawn_size"] == response.size
     drawn = tuple(int(side) for side in response.size.split("x"))
-    assert all(32 <= side <= 48 for side in drawn) and (drawn[0] > drawn[1]) == (asked[0] > asked[1])
+    assert all(64 <= side <= 80 for side in drawn) and (drawn[0] > drawn[1]) == (asked[0] > asked[1])
     assert follows_the_prompt(image, response.size), size
 
 
@@ -76,8 +76,8 @@ def test_each_documented_size_is_that_size_and_follows_the_prompt(client, size):
 def test_litellm_image_generation_gets_the_size_asked(shipped_server, model, size):
     # As LiteLLM users write it: no response_format (LiteLLM refuses it for DALL-E), so DALL-E names
     # answer with a link and GPT image names with the bytes, as OpenAI's do.
-    # A fixed seed (LiteLLM passes extra_body on): the judge's check of one random picture at 48x48
-    # fails about once in 20 (31-33 of 33 right, demo_model/README.md).
+    # A fixed seed (LiteLLM passes extra_body on): the judge's check of one random picture at 80x80
+    # fails about once in 30 (32 of 33 right, demo_model_64/README.md).
     response = litellm.image_generation(model=model, prompt=PROMPT, size=size, api_key="unused",
                                         api_base=f"{shipped_server.url}/v1", extra_body={"seed": 5})
     [data] = response.data
@@ -94,9 +94,9 @@ def test_gpt_image_names_answer_with_bytes_as_openai_does(shipped_server):
 
 
 def test_a_size_inside_the_models_range_is_drawn_as_asked(client):
-    response = client.images.generate(prompt=PROMPT, size="40x48", response_format="b64_json")
+    response = client.images.generate(prompt=PROMPT, size="64x72", response_format="b64_json")
     image = picture(response.data[0].b64_json)
-    assert response.size == "40x48" and image.size == (40, 48) and image.text["drawn_size"] == "40x48"
+    assert response.size == "64x72" and image.size == (64, 72) and image.text["drawn_size"] == "64x72"
 
 
 def test_a_size_above_the_maximum_is_refused_naming_it(client):
@@ -108,13 +108,14 @@ def test_a_size_above_the_maximum_is_refused_naming_it(client):
 def test_an_unknown_model_is_a_400_naming_the_served_models_and_their_names(client):
     with pytest.raises(openai.BadRequestError) as refused:
         client.images.generate(prompt=PROMPT, model="stable-diffusion-xl")
-    assert "shapes-32" in refused.value.message and "dall-e-2" in refused.value.message
+    assert "shapes-64" in refused.value.message and "shapes-32" in refused.value.message and "dall-e-2" in refused.value.message
 
 
 def test_v1_models_answers_every_name_that_reaches_a_model(client):
-    for name in ["shapes-32", *OPENAI_MODELS]:
+    for name in ["shapes-64", *OPENAI_MODELS]:
         model = client.models.retrieve(name)
-        assert model.id == name and model.model_extra["root"] == "shapes-32"
+        assert model.id == name and model.model_extra["root"] == "shapes-64"
+    assert client.models.retrieve("shapes-32").model_extra["root"] == "shapes-32"
     with pytest.raises(openai.NotFoundError):
         client.models.retrieve("stable-diffusion-xl")
 
@@ -131,5 +132,5 @@ def test_a_dashai_session_at_512x512_draws_the_prompt(shipped_server):
             process = http.get(f"/api/v1/generative-process/{process['id']}", params={"base64": "true"}).json()
     assert process["status"] == 3, process
     image = picture(process["output"][0]["data"])
-    assert image.size == (512, 512) and image.text["drawn_size"] == "48x48"
-    assert follows_the_prompt(image, "48x48")
+    assert image.size == (512, 512) and image.text["drawn_size"] == "80x80"
+    assert follows_the_prompt(image, "80x80")

@@ -34,8 +34,8 @@ SHIPPED_FORM: dict[str, dict[str, Any]] = {
     "num_inference_steps": {"minimum": 1, "maximum": 50, "placeholder": 10},
     "guidance_scale": {"minimum": 0.0, "maximum": 30.0, "placeholder": 3.0},
     "negative_prompt": {"maxLength": 1000, "placeholder": ""},
-    "width": {"minimum": 32, "maximum": 2048, "placeholder": 32},
-    "height": {"minimum": 32, "maximum": 2048, "placeholder": 32},
+    "width": {"minimum": 32, "maximum": 2048, "placeholder": 64},
+    "height": {"minimum": 32, "maximum": 2048, "placeholder": 64},
     "seed": {"minimum": -1, "maximum": 2**63 - 1, "placeholder": -1},
     "num_images_per_prompt": {"minimum": 1, "maximum": 4, "placeholder": 1},
 }
