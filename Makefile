@@ -9,7 +9,7 @@ CHROMIUM := /usr/bin/chromium
 # BentoML's usage tracking would try the network on every command.
 export BENTOML_DO_NOT_TRACK := True
 
-.PHONY: install serve test test-dashai test-repeat fuzz migration calibrate bento container smoke bench bench-runner bench-replicas loadtest demo-model shapes-64 clean
+.PHONY: install serve test test-dashai test-repeat fuzz migration calibrate bento container smoke bench bench-runner bench-replicas loadtest loadtest-batch demo-model shapes-64 clean
 
 install: $(INSTALLED)
 
@@ -86,8 +86,10 @@ calibrate: install
 
 # Bare-pipeline ceiling, then the real server at concurrency 1, 4, 16, 64:
 # prints a table, writes bench/results.json and .png, updates docs/benchmarks.md.
+# Then bulk jobs beside live traffic (bench/bulk_fairness.py, the Batch API's goals).
 bench: install
 	$(PY) bench/benchmark.py $(BENCH_ARGS)
+	$(PY) bench/bulk_fairness.py
 
 # Locust against a running server: URL=http://host:port USERS=16 TIME=1m make loadtest
 URL ?= http://127.0.0.1:$(PORT)
@@ -95,6 +97,11 @@ USERS ?= 16
 TIME ?= 1m
 loadtest: install
 	$(VENV)/bin/locust -f loadtest/locustfile.py --headless --host $(URL) -u $(USERS) -r $(USERS) -t $(TIME) --only-summary
+
+# Through bulk jobs: each user uploads a batch of LINES prompts, waits for it, downloads its results.
+LINES ?= 100
+loadtest-batch: install
+	T2I_LOAD_LINES=$(LINES) $(VENV)/bin/locust -f loadtest/batch_locustfile.py --headless --host $(URL) -u $(USERS) -r $(USERS) -t $(TIME) --only-summary
 
 # What each image costs the shared PostgreSQL with 2 and 3 replicas and images in a bucket
 # (moto's S3 server); needs PostgreSQL (T2I_TEST_POSTGRES_URL) and nothing else using it (docs/scaling.md).

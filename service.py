@@ -32,7 +32,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from PIL import Image
 from pydantic import BaseModel
 
-from t2i_task.api import dashai, dashai_components, dashai_jobs, openai
+from t2i_task.api import dashai, dashai_components, dashai_jobs, openai, openai_batches, openai_files
 from t2i_task.api.dashai_front_end import DashAIFrontEnd
 from t2i_task.api.backend import Backend
 from t2i_task.api.errors import install_error_handlers
@@ -49,6 +49,7 @@ from t2i_task.jobs.failures import ModelUnavailable
 from t2i_task.jobs.model_calls import CallBatcher
 from t2i_task.jobs.processes import ProcessQueue
 from t2i_task.storage.store import Store
+from t2i_task.storage.tables import Priority
 from t2i_task.task import TextToImageGenerationTask
 
 settings = load_settings()
@@ -90,9 +91,19 @@ STORED_WORK_WAITING = bentoml.metrics.Gauge(
 )
 
 
+BATCH_LINES_WAITING = bentoml.metrics.Gauge(
+    name="t2i_batch_lines_waiting",
+    documentation="Lines of bulk jobs (OpenAI batches) waiting for a model on every replica (not started)",
+    multiprocess_mode="livemax",
+)
+
+
 def report_waiting(counts: dict) -> None:
     for priority, count in counts.items():
-        STORED_WORK_WAITING.labels(priority=priority.name.lower()).set(count)
+        if priority is Priority.BULK:
+            BATCH_LINES_WAITING.set(count)
+        else:
+            STORED_WORK_WAITING.labels(priority=priority.name.lower()).set(count)
 
 # BentoML works out an answer's media type from its type's JSON schema at every answer (0.9 ms
 # for `generate`'s, on a request's path) unless the type names it.
@@ -233,11 +244,12 @@ class DiffusionClient:
         self.service = service
         self.calls = CallBatcher(self._generate, max_batch, calls_in_flight, sent=sent, key=GenerationRequest.batch_key)
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """One request, in the next call to the model's batcher (t2i_task/jobs/model_calls.py)."""
+    async def generate(self, request: GenerationRequest, priority: int = 0) -> GenerationResult:
+        """One request, in the next call to the model's batcher (t2i_task/jobs/model_calls.py), where
+        lower priorities go first."""
         REQUESTS_AT_MODEL.inc()
         try:
-            return await self.calls.submit(request)
+            return await self.calls.submit(request, rank=priority)
         finally:
             REQUESTS_AT_MODEL.dec()
 
@@ -283,7 +295,7 @@ app = FastAPI(
     description="DashAI's TextToImageGenerationTask: DashAI generative API and OpenAI-compatible Images API.",
     version="0.1.0",
 )
-for api in (dashai, dashai_jobs, dashai_components, openai):
+for api in (dashai, dashai_jobs, dashai_components, openai, openai_files, openai_batches):
     app.include_router(api.router)
 dashai_front_end = DashAIFrontEnd(settings.serving.dashai_front_end)  # at /app/, with its root assets
 dashai_front_end.install(app)
@@ -348,5 +360,6 @@ if settings.serving.cors_origins:
     )
 TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.serving.api_keys,
                                        public=dashai_front_end.is_public)
-TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes)
+TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes,
+                                       route_limits={openai_files.UPLOAD_PATH: settings.bulk.max_file_bytes})
 TextToImageService.add_asgi_middleware(JsonRouteErrorsMiddleware)

@@ -8,6 +8,7 @@ PIL and the ProcessData rows, not torch, HTTP or SQL sessions.
 from __future__ import annotations
 
 import base64
+import io
 import os
 import tempfile
 import uuid
@@ -178,6 +179,26 @@ class TextToImageGenerationTask(BaseGenerativeTask):
                 ProcessData(id=row.id, data=data, data_type=row.data_type, process_id=row.process_id, is_input=row.is_input)
             )
         return shown
+
+
+# The formats an answer may carry images in (OpenAI's `output_format`), as PIL names them.
+IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
+
+
+def encode_image(png: bytes, output_format: str = "png", compression: int | None = None) -> str:
+    """Base64 of a stored PNG in `output_format` (the PNG itself, with its text chunks, as it is);
+    `compression` is the JPEG/WebP quality (100, OpenAI's default, compresses least)."""
+    if output_format == "png":
+        return base64.b64encode(png).decode("ascii")
+    with Image.open(io.BytesIO(png)) as image:
+        return encode_picture(image, output_format, compression)
+
+
+def encode_picture(image: Image.Image, output_format: str, compression: int | None = None) -> str:
+    """Base64 of an image in `output_format` (see encode_image)."""
+    buffer = io.BytesIO()
+    image.convert("RGB").save(buffer, IMAGE_FORMATS[output_format], quality=100 if compression is None else compression)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def _write_png_atomically(image: Image.Image, target: Path, text: Mapping[str, Any]) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -81,6 +82,19 @@ def test_locustfile_runs_both_user_kinds_without_failures(server, tmp_path):
     rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "load_stats.csv").open())}
     assert int(rows["/v1/images/generations"]["Request Count"]) > 0
     assert int(rows["/api/v1/generative-process/ [create]"]["Request Count"]) > 0
+    assert int(rows["Aggregated"]["Failure Count"]) == 0
+
+
+def test_the_batch_locustfile_runs_batches_to_their_end(server, tmp_path):
+    done = subprocess.run(
+        [str(LOCUST), "-f", "loadtest/batch_locustfile.py", "--headless", "--host", server.url, "-u", "1", "-r", "1",
+         "-t", "5s", "--stop-timeout", "60", "--csv", str(tmp_path / "load"), "--only-summary"],
+        cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=180,
+        env={**os.environ, "T2I_LOAD_LINES": "3", "T2I_LOAD_STEPS": "2"},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = {row["Name"]: row for row in csv.DictReader((tmp_path / "load_stats.csv").open())}
+    assert int(rows["batch [3 lines]"]["Request Count"]) >= 1 and int(rows["/v1/files/{id}/content"]["Request Count"])
     assert int(rows["Aggregated"]["Failure Count"]) == 0
 
 

@@ -107,7 +107,7 @@ def test_what_waits_is_counted_by_priority(store, session_id):
     new(store, session_id, priority=Priority.LIVE)
     running = new(store, session_id)
     store.start_processes([running.id], holder="a")
-    assert store.waiting_by_priority() == {Priority.LIVE: 1, Priority.QUEUED: 3}
+    assert store.waiting_by_priority() == {Priority.LIVE: 1, Priority.QUEUED: 3, Priority.BULK: 0}
 
 
 def test_two_replicas_claiming_at_once_never_take_the_same_process(store, session_id):

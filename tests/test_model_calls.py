@@ -125,3 +125,20 @@ async def test_requests_of_two_keys_waiting_together_go_as_full_calls_of_one_key
         await settle()
     assert model.calls == [[0], [1, 3, 5, 7], [2, 4, 6, 8]]
     assert await first == 0 and [await task for task in rest] == [i * 2 for i in range(1, 9)]
+
+
+@pytest.mark.anyio
+async def test_a_lower_rank_goes_in_the_next_call_ahead_of_requests_that_came_before_it(model):
+    batcher = CallBatcher(model.call, max_batch=4, max_in_flight=1)
+    running = asyncio.create_task(batcher.submit(0, rank=2))
+    await settle()
+    bulk = [asyncio.create_task(batcher.submit(i, rank=2)) for i in range(1, 6)]
+    live = asyncio.create_task(batcher.submit(100, rank=0))
+    await settle()
+    model.release[0].set()
+    await settle()
+    assert model.calls[1] == [100, 1, 2, 3], "the live request first, then those that waited longest"
+    model.release[1].set()
+    await settle()
+    model.release[2].set()
+    assert await live == 200 and [await task for task in [running, *bulk]] == [i * 2 for i in range(6)]

@@ -185,3 +185,61 @@ def test_has_room_says_whether_work_would_be_handed_over_at_once():
         assert order == ["running", "waiting"] and scheduler.has_room(4, Priority.LIVE)
 
     run(scenario())
+
+
+def test_bulk_lines_take_the_model_only_once_other_work_has_left_it_for_the_hold():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=100, max_at_model=16, bulk_hold_s=0.2, bulk_alone_s=0.0)
+        order: list[str] = []
+        release = {name: asyncio.Event() for name in ("live", "live-2", "bulk-1", "bulk-2")}
+        live = asyncio.create_task(hold(scheduler, 1, Priority.LIVE, order, "live", release["live"]))
+        await settle()
+        bulk = [asyncio.create_task(hold(scheduler, 1, Priority.BULK, order, name, release[name]))
+                for name in ("bulk-1", "bulk-2")]
+        await settle()
+        assert order == ["live"], "no bulk line beside other work at the model"
+        assert scheduler.waiting_s(Priority.LIVE) == 1 and scheduler.wait_s(1, Priority.LIVE) == 0
+        release["live"].set()
+        await asyncio.sleep(0.1)
+        assert order == ["live"], "held after the live request left: its client's next one finds the model free"
+        await asyncio.sleep(0.2)
+        assert order == ["live", "bulk-1", "bulk-2"], "the model alone long enough: bulk lines go in full"
+        # Bulk work at the model neither blocks a live request nor counts in its wait.
+        newcomer = asyncio.create_task(hold(scheduler, 1, Priority.LIVE, order, "live-2", release["live-2"]))
+        await settle()
+        assert order[-1] == "live-2" and scheduler.waiting_s(Priority.LIVE) == 1
+        for event in release.values():
+            event.set()
+        await asyncio.gather(live, newcomer, *bulk)
+        assert (scheduler.at_model, scheduler.bulk_at_model, scheduler.at_model_s) == (0, 0, 0)
+
+    run(scenario())
+
+
+def test_bulk_lines_go_one_at_a_time_while_other_work_was_recent():
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=100, max_at_model=16, bulk_hold_s=0.0, bulk_alone_s=60)
+        order: list[str] = []
+        releases = {name: asyncio.Event() for name in ("queued", "queued-2", "a", "b", "c")}
+        tasks = [asyncio.create_task(hold(scheduler, 1, Priority.QUEUED, order, "queued", releases["queued"]))]
+        await settle()
+        tasks += [asyncio.create_task(hold(scheduler, 1, Priority.BULK, order, name, releases[name])) for name in "abc"]
+        await settle()
+        releases["queued"].set()
+        await settle()
+        assert order == ["queued", "a"], "one line at a time"
+        releases["a"].set()
+        await settle()
+        assert order == ["queued", "a", "b"]
+        queued = asyncio.create_task(hold(scheduler, 1, Priority.QUEUED, order, "queued-2", releases["queued-2"]))
+        await settle()
+        assert order[-1] == "queued-2", "other work goes beside the line running"
+        releases["b"].set()
+        await settle()
+        assert "c" not in order, "no bulk line beside other work"
+        for event in releases.values():
+            event.set()
+        await asyncio.gather(queued, *tasks)
+        assert order[-1] == "c"
+
+    run(scenario())

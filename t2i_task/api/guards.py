@@ -113,18 +113,21 @@ class ApiKeyMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Refuses request bodies over `max_bytes` with 413, before a route parses them."""
+    """Refuses request bodies over `max_bytes` with 413, before a route parses them; the paths in
+    `route_limits` (uploads) have their own limit."""
 
-    def __init__(self, app, max_bytes: int) -> None:
+    def __init__(self, app, max_bytes: int, route_limits: dict[str, int] | None = None) -> None:
         self.app = app
         self.max_bytes = max_bytes
+        self.route_limits = route_limits or {}
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        message = f"Request body is larger than {self.max_bytes} bytes."
+        max_bytes = self.route_limits.get(scope["path"].rstrip("/"), self.max_bytes)
+        message = f"Request body is larger than {max_bytes} bytes."
         length = dict(scope["headers"]).get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+        if length is not None and length.isdigit() and int(length) > max_bytes:
             return await send_error(send, scope["path"], 413, message)
 
         received = 0
@@ -134,7 +137,7 @@ class BodySizeLimitMiddleware:
             event = await receive()
             if event["type"] == "http.request":
                 received += len(event.get("body", b""))
-                if received > self.max_bytes:
+                if received > max_bytes:
                     # A body without a length: the route's framework answers 413.
                     raise HTTPException(status_code=413, detail=message)
             return event

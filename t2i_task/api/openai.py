@@ -8,12 +8,11 @@ of one session per model, so it shows up beside DashAI's processes.
 from __future__ import annotations
 
 import asyncio
-import base64
-import io
 import json
 import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from bentoml.exceptions import BentoMLException
@@ -30,7 +29,7 @@ from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.generation.previews import MAX_PARTIAL_IMAGES
 from t2i_task.jobs.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
 from t2i_task.jobs.live import Finished, LiveCall
-from t2i_task.task import TextToImageGenerationTask
+from t2i_task.task import TextToImageGenerationTask, encode_image, encode_picture
 
 router = APIRouter()
 STREAM_POLL_S = 0.25  # how often a stream looks for new partial images (the model is asked every 0.5 s)
@@ -78,7 +77,6 @@ class ImageGenerationRequest(BaseModel):
 QUALITY_STEPS = {"low": 0.5, "medium": 1.0, "standard": 1.0, "auto": 1.0, "high": 2.0, "hd": 2.0, "xhigh": 2.0,
                  "max": 2.0}
 QUALITY_NAMES = {"standard": "medium", "auto": "medium", "hd": "high", "xhigh": "high", "max": "high"}
-IMAGE_FORMATS = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}
 
 
 def _refuse_what_cannot_be_honoured(body: ImageGenerationRequest) -> None:
@@ -150,47 +148,71 @@ def _served_names(settings: Settings) -> str:
             f"reach {settings.default_model.name}.")
 
 
-@router.post("/v1/images/generations", response_model=None)
-async def generate_images(
-    body: ImageGenerationRequest, request: Request, backend: BackendDep
-) -> dict[str, Any] | EventSourceResponse:
+@dataclass
+class ImagesRequest:
+    """A request body resolved: what it runs with, its prompt as stored, and what its answer echoes."""
+
+    model: ServedModel
+    params: GenerationParameters
+    inputs: list[tuple[str, str]]
+    echo: dict[str, str]
+
+
+def resolve(body: ImageGenerationRequest, settings: Settings, task: TextToImageGenerationTask) -> ImagesRequest:
+    """Check a body as this endpoint does (ApiError 400 naming the parameter) and resolve it; a
+    batch's lines go through it too (openai_batches.py)."""
     try:
-        model = served_model(body.model, backend.settings)
+        model = served_model(body.model, settings)
     except UnknownModel:
-        raise ApiError(400, f"Model {body.model!r} is not served. {_served_names(backend.settings)}",
-                       param="model") from None
+        raise ApiError(400, f"Model {body.model!r} is not served. {_served_names(settings)}", param="model") from None
     _refuse_what_cannot_be_honoured(body)
     params = _parameters(body, model)
     try:
-        inputs = backend.task.prepare_input_for_database([body.prompt])
+        inputs = task.prepare_input_for_database([body.prompt])
     except ValueError as exc:
         raise ApiError(400, str(exc), param="prompt") from exc
     # Echoed as OpenAI's GPT image models do; `size` is the size drawn (the images are the size asked).
     drawn = model.drawn(params.width, params.height)
     echo = {"size": f"{drawn[0]}x{drawn[1]}", "quality": QUALITY_NAMES.get(body.quality or "auto", body.quality),
             "output_format": body.output_format or "png", "background": "opaque"}
+    return ImagesRequest(model, params, inputs, echo)
+
+
+def wants_links(body: ImageGenerationRequest) -> bool:
+    """OpenAI's defaults: links from DALL-E, bytes from the GPT image models (Open WebUI sends no
+    response_format for those and cannot fetch a loopback link); naming an output format asks for bytes."""
+    wants_bytes = body.output_format or (body.model or "").startswith(("gpt-image-", "chatgpt-image-"))
+    return (body.response_format or ("b64_json" if wants_bytes else "url")) == "url"
+
+
+def image_link(request: Request, name: str) -> str:
+    return f"{str(request.base_url).rstrip('/')}/api/v1/generative-process/image/{name}"
+
+
+@router.post("/v1/images/generations", response_model=None)
+async def generate_images(
+    body: ImageGenerationRequest, request: Request, backend: BackendDep
+) -> dict[str, Any] | EventSourceResponse:
+    resolved = resolve(body, backend.settings, backend.task)
+    model, params, inputs, echo = resolved.model, resolved.params, resolved.inputs, resolved.echo
 
     if body.stream:
         with admission():
-            live = await backend.queue.start_live(await _session_id(backend, model), inputs, model, params,
+            live = await backend.queue.start_live(await session_id(backend, model), inputs, model, params,
                                                   partial_images=body.partial_images or 0)
         return EventSourceResponse(_stream(live, body, echo, backend))
 
     with admission():
         try:
-            finished = await backend.queue.run_now(await _session_id(backend, model), inputs, model, params,
+            finished = await backend.queue.run_now(await session_id(backend, model), inputs, model, params,
                                                    client_gone=request.is_disconnected)
         except ClientGone as exc:  # nobody reads this answer; 499 as nginx logs it
             raise ApiError(499, str(exc)) from exc
         except (BentoMLException, ModelUnavailable, GenerationFailed, OSError) as exc:
             raise _generation_error(exc) from exc
 
-    # OpenAI's defaults: links from DALL-E, bytes from the GPT image models (Open WebUI sends no
-    # response_format for those and cannot fetch a loopback link); naming an output format asks for bytes.
-    wants_bytes = body.output_format or (body.model or "").startswith(("gpt-image-", "chatgpt-image-"))
-    if (body.response_format or ("b64_json" if wants_bytes else "url")) == "url":
-        base = str(request.base_url).rstrip("/")
-        data = [{"url": f"{base}/api/v1/generative-process/image/{name}"} for name, _ in finished.outputs]
+    if wants_links(body):
+        data = [{"url": image_link(request, name)} for name, _ in finished.outputs]
     else:
         data = [{"b64_json": image} for image in _final_images(finished, body, backend)]
     return {"created": int(time.time()), "data": data, **echo, "usage": _usage(finished)}
@@ -206,7 +228,7 @@ async def _stream(live: LiveCall, body: ImageGenerationRequest, echo: dict[str, 
         return {"event": kind, "data": json.dumps({"type": kind, **fields, **echo, "created_at": int(time.time())})}
 
     def partial(image: Image.Image, index: int) -> dict[str, str]:
-        b64 = _encode(image, echo["output_format"], body.output_compression)
+        b64 = encode_picture(image, echo["output_format"], body.output_compression)
         return event("image_generation.partial_image", b64_json=b64, partial_image_index=index)
 
     sent = 0
@@ -247,8 +269,8 @@ def _generation_error(exc: BaseException) -> ApiError:
 
 def _final_images(finished: Finished, body: ImageGenerationRequest, backend: Backend) -> list[str]:
     """The stored images, base64 in the asked output format."""
-    return [_encoded(base64.b64encode(backend.store.images.read(name)).decode("ascii"), body.output_format or "png",
-                     body.output_compression) for name, _ in finished.outputs]
+    return [encode_image(backend.store.images.read(name), body.output_format or "png", body.output_compression)
+            for name, _ in finished.outputs]
 
 
 def _usage(finished: Finished) -> dict[str, Any]:
@@ -259,23 +281,7 @@ def _usage(finished: Finished) -> dict[str, Any]:
             "output_tokens": 0, "total_tokens": tokens}
 
 
-def _encoded(png_base64: str, output_format: str, compression: int | None) -> str:
-    """The task's base64 PNG, in the asked format (the PNG itself keeps its metadata)."""
-    if output_format == "png":
-        return png_base64
-    with Image.open(io.BytesIO(base64.b64decode(png_base64))) as image:
-        return _encode(image, output_format, compression)
-
-
-def _encode(image: Image.Image, output_format: str, compression: int | None) -> str:
-    """Base64 of an image in `output_format`; `output_compression` is the JPEG/WebP quality
-    (100, OpenAI's default, compresses least)."""
-    buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, IMAGE_FORMATS[output_format], quality=100 if compression is None else compression)
-    return base64.b64encode(buffer.getvalue()).decode()
-
-
-async def _session_id(backend: Backend, model: ServedModel) -> int:
+async def session_id(backend: Backend, model: ServedModel) -> int:
     """The session that records OpenAI calls as processes (one per model)."""
     if model.name not in backend.openai_sessions:
         session = await backend.db(

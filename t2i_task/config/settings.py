@@ -99,6 +99,24 @@ class ServingConfig(Section):
     )
 
 
+class BulkConfig(Section):
+    """Bulk jobs (OpenAI's Batch API): their files, and how their lines yield to other work."""
+
+    max_file_mb: float = Field(default=100, gt=0, description="Largest file POST /v1/files takes (that route "
+                               "alone; every other route keeps serving.max_body_bytes); beyond: 413.")
+    max_lines: int = Field(default=50_000, ge=1, description="Most lines (requests) in one batch; beyond: 400.")
+    hold_after_live_ms: float = Field(
+        default=500, ge=0, description="Bulk lines wait this long after live or queued work leaves the model, so "
+        "that a client who just got its answer finds the model free for its next request.")
+    alone_after_live_s: float = Field(
+        default=10, ge=0, description="While live or queued work used the model this recently, bulk lines go one "
+        "per call (a live request then waits for one line at most); after, in full batches.")
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_file_mb * 2**20)
+
+
 DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd])\s*$")
 SECONDS_IN = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
 
@@ -139,6 +157,7 @@ class Settings(Section):
     runtime: RuntimeConfig = RuntimeConfig()
     batching: BatchingConfig = BatchingConfig()
     serving: ServingConfig = ServingConfig()
+    bulk: BulkConfig = BulkConfig()
     limits: LimitsConfig = LimitsConfig()
     storage: StorageConfig
     defaults: GenerationParameters = GenerationParameters()

@@ -42,6 +42,11 @@ class Leases:
         return max(0, min(2 * self.scheduler.max_at_model - len(self.pending),
                           self.serving.max_queued_generations - held))
 
+    def work_stored(self) -> None:
+        """Unheld work was just stored here (a batch's lines): look for it at once."""
+        self._more_waiting = True
+        self.room_made()
+
     def room_made(self) -> None:
         """A process here ended: look for more at once if more was seen waiting."""
         if self._more_waiting and not self.draining:
@@ -73,6 +78,7 @@ class Leases:
                 pass
             try:
                 await self.take_unheld_work()
+                await self.end_batches()  # t2i_task/jobs/batches.py
                 if self.report_waiting is not None:
                     self.report_waiting(await self.db(self.store.waiting_by_priority))
             except Exception as exc:  # the database may still be away: try again later

@@ -27,9 +27,10 @@ Result = TypeVar("Result")
 
 class CallBatcher(Generic[Request, Result]):
     """`key`, if given, says which requests may share a call (GenerationRequest.batch_key: the same
-    model, size and steps): a call carries the oldest waiting request and those of its key, up to a
-    batch, so that two models' requests waiting together go as two full calls, not two half
-    pipeline calls in each. `sent`, if given, learns of each call as it goes (it must not raise):
+    model, size and steps): a call carries the first waiting request, by rank (the scheduler's
+    priority: a live request before bulk lines handed over earlier) and then by arrival, and those
+    of its key, in the same order, up to a batch, so that two models' requests waiting together go
+    as two full calls, not two half pipeline calls in each. `sent`, if given, learns of each call as it goes (it must not raise):
     it runs beside the call, never delaying it, and the call's callers get their results once it
     is done too."""
 
@@ -38,15 +39,15 @@ class CallBatcher(Generic[Request, Result]):
                  key: Callable[[Request], Hashable] = lambda request: None) -> None:
         self.call, self.max_batch, self.max_in_flight, self.sent = call, max_batch, max_in_flight, sent
         self.key = key
-        self.waiting: deque[tuple[Request, asyncio.Future]] = deque()
+        self.waiting: deque[tuple[Request, asyncio.Future, int]] = deque()
         self.in_flight = 0
         self._calls: set[asyncio.Task] = set()
 
-    async def submit(self, request: Request) -> Result:
-        """The request's result, from the call it joined; its exception if that call failed.
-        Cancelling the caller takes the request out if it has not been sent yet."""
+    async def submit(self, request: Request, rank: int = 0) -> Result:
+        """The request's result, from the call it joined (lower `rank`s go first); its exception if
+        that call failed. Cancelling the caller takes the request out if it has not been sent yet."""
         future = asyncio.get_running_loop().create_future()
-        self.waiting.append((request, future))
+        self.waiting.append((request, future, rank))
         self._send_what_waits()
         return await future
 
@@ -56,8 +57,9 @@ class CallBatcher(Generic[Request, Result]):
             self.waiting = deque(item for item in self.waiting if not item[1].done())
             if not self.waiting:
                 return
-            head_key = self.key(self.waiting[0][0])
-            batch = [item for item in self.waiting if self.key(item[0]) == head_key][:self.max_batch]
+            in_order = sorted(self.waiting, key=lambda item: item[2])  # by rank, then arrival (a stable sort)
+            head_key = self.key(in_order[0][0])
+            batch = [item for item in in_order if self.key(item[0]) == head_key][:self.max_batch]
             if self.in_flight and len(batch) < self.max_batch:
                 return  # a part batch goes when the model is free, with what joins it until then
             sent = {id(item) for item in batch}
@@ -67,9 +69,9 @@ class CallBatcher(Generic[Request, Result]):
             self._calls.add(task)  # the loop keeps only weak references to tasks
             task.add_done_callback(self._calls.discard)
 
-    async def _run(self, batch: list[tuple[Request, asyncio.Future]]) -> None:
-        waiting = [future for _, future in batch]
-        requests = [request for request, _ in batch]
+    async def _run(self, batch: list[tuple[Request, asyncio.Future, int]]) -> None:
+        waiting = [future for _, future, _ in batch]
+        requests = [request for request, _, _ in batch]
         noting = asyncio.ensure_future(self.sent(requests)) if self.sent else None
         try:
             try:
@@ -86,7 +88,7 @@ class CallBatcher(Generic[Request, Result]):
                 future.cancel()
             raise
         else:
-            for (_, future), result in zip(batch, results, strict=True):
+            for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
                     future.set_result(result)
         finally:

@@ -41,6 +41,7 @@ from t2i_task.jobs.failures import (
     ShuttingDown,
     describe_failure,
 )
+from t2i_task.jobs.batches import BulkLines
 from t2i_task.jobs.leases import Leases
 from t2i_task.jobs.live import Finished, LiveCalls, stored_parameters
 from t2i_task.jobs.loading import ModelLoads
@@ -60,9 +61,9 @@ CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error det
 class Model(Protocol):
     """The model service as the queue uses it."""
 
-    async def generate(self, request: GenerationRequest) -> GenerationResult:
-        """One request through the batcher, which calls `ProcessQueue.calls_sent` as the call
-        carrying it goes; ModelUnavailable if the service is gone."""
+    async def generate(self, request: GenerationRequest, priority: int = Priority.QUEUED) -> GenerationResult:
+        """One request through the batcher (lower priorities first), which calls `ProcessQueue.calls_sent`
+        as the call carrying it goes; ModelUnavailable if the service is gone."""
 
     async def cancel(self, jobs: list[int]) -> None:
         """Tell the running call these jobs are cancelled (it stops if nothing else in it is wanted)."""
@@ -80,7 +81,7 @@ class Model(Protocol):
         """The models loaded now, with their weights' bytes."""
 
 
-class ProcessQueue(LiveCalls, Leases):
+class ProcessQueue(LiveCalls, Leases, BulkLines):
     def __init__(
         self,
         store: Store,
@@ -102,6 +103,7 @@ class ProcessQueue(LiveCalls, Leases):
         # Processes queued or running here, by id; the tasks are held so they
         # are not garbage-collected, and the sweep knows what is in hand.
         self.pending: dict[int, asyncio.Task] = {}
+        self.bulk_lines: dict[int, str] = {}  # the pending processes that are bulk lines: their batch ids
         self.answering = 0  # synchronous generations (OpenAI calls) admitted and not yet answered
         self.in_hand: set[int] = set()  # their process ids, once stored
         self.at_model: set[int] = set()  # processes whose call the model service holds
@@ -117,7 +119,9 @@ class ProcessQueue(LiveCalls, Leases):
         self.draining = False
         # Work waits here (DELIVERED) until the model has room for it, so time in this
         # queue never counts toward a model call's timeout (t2i_task/jobs/scheduler.py).
-        self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size)
+        self.scheduler = ModelScheduler(settings.model_call_budget_s, max_at_model=2 * settings.batching.max_batch_size,
+                                        bulk_hold_s=settings.bulk.hold_after_live_ms / 1000,
+                                        bulk_alone_s=settings.bulk.alone_after_live_s)
         self._sweeper: asyncio.Task | None = None
         self._renewer: asyncio.Task | None = None
         self._more_work = asyncio.Event()  # set when the model has room and unclaimed work may wait
@@ -125,6 +129,7 @@ class ProcessQueue(LiveCalls, Leases):
         self._progress_watcher: asyncio.Task | None = None
         self._retention: asyncio.Task | None = None
         self._stopping: set[asyncio.Task] = set()  # stops of abandoned live calls, held until done
+        self._finalizing: set[asyncio.Task] = set()  # batches whose results are being written here
 
     async def db(self, call: Callable, *args, **kwargs):
         """Run a blocking store call off the event loop."""
@@ -132,12 +137,13 @@ class ProcessQueue(LiveCalls, Leases):
 
     # Admission
 
-    def admit(self) -> None:
-        """Refuse a new generation early, before it piles into the batcher."""
+    def admit(self, counted: bool = True) -> None:
+        """Refuse a new generation early, before it piles into the batcher (`counted`: one that would be
+        held here; a batch's lines wait in the database)."""
         if self.draining:
             raise ShuttingDown("Server is shutting down; retry on another instance or later.")
-        admitted = len(self.pending) + self.answering
-        if admitted >= self.serving.max_queued_generations:
+        admitted = len(self.pending) - len(self.bulk_lines) + self.answering
+        if counted and admitted >= self.serving.max_queued_generations:
             raise QueueFull(f"Server busy: {admitted} generations are queued. Retry later.")
         low = self.store.low_disks(self.settings.storage.min_free_mb * 2**20)
         if low:
@@ -162,6 +168,8 @@ class ProcessQueue(LiveCalls, Leases):
         """Run a stored process in the background; the caller answers at once."""
         job = asyncio.create_task(self._run_queued(process, model, params))
         self.pending[process.id] = job
+        if process.batch_id is not None:
+            self.bulk_lines[process.id] = process.batch_id
         self.keep_leases()
         job.add_done_callback(lambda done: self._forget(process.id, done))
 
@@ -173,7 +181,8 @@ class ProcessQueue(LiveCalls, Leases):
             except (UnknownModel, ValidationError) as exc:
                 await self.db(self.store.fail_process, process.id, f"cannot run as stored: {exc}", self.instance)
                 return
-        await self.generate(process, model, params, requeue_if_stopped=True)
+        priority = Priority.QUEUED if process.priority is None else Priority(process.priority)
+        await self.generate(process, model, params, requeue_if_stopped=True, priority=priority)
 
     async def _stored_run(self, process: GenerativeProcess) -> tuple[ServedModel, GenerationParameters]:
         """The model and parameters a process was stored with; a process stored before processes kept
@@ -188,6 +197,9 @@ class ProcessQueue(LiveCalls, Leases):
 
     def _forget(self, process_id: int, job: asyncio.Task) -> None:
         self.pending.pop(process_id, None)
+        batch_id = self.bulk_lines.pop(process_id, None)
+        if batch_id is not None:
+            self.line_ended(batch_id)
         self.room_made()
         if not job.cancelled():
             job.exception()  # consumed: the failure is already recorded as the process's ERROR
@@ -234,7 +246,7 @@ class ProcessQueue(LiveCalls, Leases):
                     self.unsent.add(process.id)  # started when its call is sent (calls_sent)
                 self.at_model.add(process.id)
                 try:
-                    generated = await self.model.generate(request)
+                    generated = await self.model.generate(request, priority)
                 finally:
                     self.unsent.discard(process.id)
                     self.at_model.discard(process.id)
@@ -339,9 +351,12 @@ class ProcessQueue(LiveCalls, Leases):
         while not self.draining:
             await asyncio.sleep(min(RETENTION_SWEEP_S, max(1.0, retention_s / 4)))
             try:
-                removed = await self.db(self.store.remove_ended_before, utcnow() - timedelta(seconds=retention_s))
-                if removed:
-                    log.info("retention: removed %d processes that ended over %gs ago", removed, retention_s)
+                cutoff = utcnow() - timedelta(seconds=retention_s)
+                removed = await self.db(self.store.remove_ended_before, cutoff)
+                batches = await self.db(self.store.remove_batches_ended_before, cutoff)
+                if removed or batches:
+                    log.info("retention: removed %d processes and %d batches that ended over %gs ago", removed,
+                             batches, retention_s)
             except Exception as exc:  # the database away: next time
                 log.warning("retention sweep skipped: %s", type(exc).__name__)
 
@@ -377,5 +392,7 @@ class ProcessQueue(LiveCalls, Leases):
                 job.cancel()  # generate() releases its process
             await asyncio.gather(*unfinished, return_exceptions=True)
             log.warning("drained: %d finished, %d released", len(jobs) - len(unfinished), len(unfinished))
+        if self._finalizing:  # a batch's results being written: let them be (else its lease expires first)
+            await asyncio.wait(self._finalizing, timeout=self.serving.drain_timeout_s)
         if self._renewer:  # leases were renewed while the running work finished
             self._renewer.cancel()

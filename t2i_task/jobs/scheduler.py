@@ -17,12 +17,25 @@ layer refuses one that could not finish in time with 429 and that wait as
 Retry-After. Only work of the same or a higher priority counts: queued
 processes never make a live request wait longer than the work already handed
 over.
+
+Bulk lines (OpenAI's Batch API) take what is left, so that a live request never
+waits for more than the call already running: they are handed over only while no
+other work is at the model or waits; never within `bulk_hold_s` of other work
+leaving the model (a client that got its answer sends its next request within
+that time, and finds the model free); one at a time while other work used the
+model in the last `bulk_alone_s` (the call a live request may find running is
+then one line); and as fully as other work when the model has been theirs alone
+for longer. Bulk work at the model never keeps other work from being handed over
+(the call batcher sends other work first: t2i_task/jobs/model_calls.py), nor
+counts in the wait a live request is refused for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
+import math
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -39,17 +52,24 @@ class _Waiter:
 
 
 class ModelScheduler:
-    def __init__(self, budget_s: float, max_at_model: int) -> None:
+    def __init__(self, budget_s: float, max_at_model: int, bulk_hold_s: float = 0.0, bulk_alone_s: float = 0.0) -> None:
         self.budget_s = budget_s
         self.max_at_model = max_at_model
+        self.bulk_hold_s, self.bulk_alone_s = bulk_hold_s, bulk_alone_s
         self.at_model_s = 0.0  # estimated seconds of the work handed over and not yet back
         self.at_model = 0  # requests handed over and not yet back
+        self.bulk_at_model_s = 0.0  # of which bulk lines
+        self.bulk_at_model = 0
+        self._others_seen = -math.inf  # when other work than bulk lines last came, went to or left the model
         self._waiting: list[_Waiter] = []  # kept sorted: priority, then arrival
         self._arrivals = itertools.count()
+        self._recheck: asyncio.TimerHandle | None = None  # a hand-over after a bulk hold
 
     def waiting_s(self, priority: Priority) -> float:
-        """Estimated seconds of work ahead of a new request of `priority`."""
-        return self.at_model_s + sum(w.cost_s for w in self._waiting if w.priority <= priority)
+        """Estimated seconds of work ahead of a new request of `priority` (bulk work goes after
+        other work, and counts only for bulk)."""
+        at_model_s = self.at_model_s if priority >= Priority.BULK else self.at_model_s - self.bulk_at_model_s
+        return at_model_s + sum(w.cost_s for w in self._waiting if w.priority <= priority)
 
     def wait_s(self, cost_s: float, priority: Priority) -> float:
         """How long a new request costing `cost_s` would wait before it could finish within the
@@ -59,17 +79,37 @@ class ModelScheduler:
     def has_room(self, cost_s: float, priority: Priority) -> bool:
         """Whether `slot` would hand this work over at once (nothing of its priority or a higher
         one waits, and it fits)."""
-        return not any(w.priority <= priority for w in self._waiting) and self._has_room_for(cost_s)
+        return not any(w.priority <= priority for w in self._waiting) and self._has_room_for(cost_s, priority)
 
-    def _has_room_for(self, cost_s: float) -> bool:
-        # Work larger than the whole budget (stored before the limits changed) runs alone.
+    def _has_room_for(self, cost_s: float, priority: Priority) -> bool:
+        others, others_s = self.at_model - self.bulk_at_model, self.at_model_s - self.bulk_at_model_s
+        if priority < Priority.BULK:
+            # Work larger than the whole budget (stored before the limits changed) runs alone.
+            return (others_s + cost_s <= self.budget_s or others == 0) and others < self.max_at_model
+        if others:
+            return False
+        quiet_s = time.monotonic() - self._others_seen
+        if quiet_s < self.bulk_hold_s:
+            self._hand_over_in(self.bulk_hold_s - quiet_s)
+            return False
+        if quiet_s < self.bulk_alone_s:
+            return self.at_model == 0
         fits = self.at_model_s + cost_s <= self.budget_s or self.at_model == 0
         return fits and self.at_model < self.max_at_model
+
+    def _hand_over_in(self, delay_s: float) -> None:
+        if self._recheck is None or self._recheck.cancelled():
+            def recheck() -> None:
+                self._recheck = None
+                self._hand_over()
+            self._recheck = asyncio.get_running_loop().call_later(delay_s, recheck)
 
     @asynccontextmanager
     async def slot(self, cost_s: float, priority: Priority) -> AsyncIterator[None]:
         """Wait until the model has room for this work, hold it while the model runs it."""
         waiter = _Waiter(priority, next(self._arrivals), cost_s, asyncio.get_running_loop().create_future())
+        if priority < Priority.BULK:
+            self._others_seen = time.monotonic()
         self._waiting.append(waiter)
         self._waiting.sort()
         self._hand_over()
@@ -80,16 +120,21 @@ class ModelScheduler:
                 self._waiting.remove(waiter)
                 self._hand_over()  # the work behind it may fit now
             elif not waiter.granted.cancelled():
-                self._release(cost_s)  # granted just as it was cancelled
+                self._release(waiter)  # granted just as it was cancelled
             raise
         try:
             yield
         finally:
-            self._release(cost_s)
+            self._release(waiter)
 
-    def _release(self, cost_s: float) -> None:
-        self.at_model_s = max(0.0, self.at_model_s - cost_s)
+    def _release(self, waiter: _Waiter) -> None:
+        self.at_model_s = max(0.0, self.at_model_s - waiter.cost_s)
         self.at_model -= 1
+        if waiter.priority >= Priority.BULK:
+            self.bulk_at_model_s = max(0.0, self.bulk_at_model_s - waiter.cost_s)
+            self.bulk_at_model -= 1
+        else:
+            self._others_seen = time.monotonic()
         self._hand_over()
 
     def _hand_over(self) -> None:
@@ -100,9 +145,14 @@ class ModelScheduler:
             if head.granted.cancelled():  # its task is unwinding; it holds nothing
                 self._waiting.pop(0)
                 continue
-            if not self._has_room_for(head.cost_s):
+            if not self._has_room_for(head.cost_s, head.priority):
                 return
             self._waiting.pop(0)
             self.at_model_s += head.cost_s
             self.at_model += 1
+            if head.priority >= Priority.BULK:
+                self.bulk_at_model_s += head.cost_s
+                self.bulk_at_model += 1
+            else:
+                self._others_seen = time.monotonic()
             head.granted.set_result(None)

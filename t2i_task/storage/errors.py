@@ -44,3 +44,15 @@ class LeaseLost(StoreError):
         super().__init__(f"Process {process_id} is no longer held here: "
                          + (f"replica {holder!r} holds it." if holder else "it was released."))
         self.process_id, self.holder = process_id, holder
+
+
+class FileNotFound(NotFoundError):
+    def __init__(self, file_id: str) -> None:
+        super().__init__(f"No such File object: {file_id}")
+        self.file_id = file_id
+
+
+class BatchNotFound(NotFoundError):
+    def __init__(self, batch_id: str) -> None:
+        super().__init__(f"No such Batch object: {batch_id}")
+        self.batch_id = batch_id

@@ -1,7 +1,8 @@
-"""Where generated images are kept: a local folder (the default) or an S3-compatible bucket.
+"""Where generated images and bulk-job files are kept: a local folder (the default) or an
+S3-compatible bucket.
 
-`ImageFiles` is the one place that writes, reads, lists and deletes image
-files. Object storage goes through obstore: one small wheel with no Python
+`ImageFiles` is the one place that writes, reads, lists and deletes those
+files (a batch's files are kept in a folder or prefix of their own inside the images', `within`). Object storage goes through obstore: one small wheel with no Python
 dependencies, the same calls for any S3-compatible service, the standard AWS
 environment variables (`AWS_ENDPOINT_URL`, `AWS_ACCESS_KEY_ID`,
 `AWS_SECRET_ACCESS_KEY`, `AWS_REGION`, `AWS_ALLOW_HTTP` for a plain-HTTP
@@ -43,6 +44,29 @@ class ImageFiles:
     @property
     def local(self) -> bool:
         return self.folder is not None
+
+    def within(self, name: str) -> ImageFiles:
+        """The files kept in a folder (or prefix) of this name inside this one."""
+        if self.folder is not None:
+            return ImageFiles(self.folder / name)
+        return ImageFiles(f"{self.location.rstrip('/')}/{name}")
+
+    def put(self, name: str, source: bytes | Path) -> None:
+        """Keep `source` (bytes, or a local file's contents) under the bare `name`, whole or not at all:
+        a local file is written beside as `.part` and renamed, an upload is one object."""
+        name = Path(name).name
+        if self.folder is not None:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            part = self.folder / f"{name}.part"
+            if isinstance(source, Path):
+                shutil.copyfile(source, part)
+            else:
+                part.write_bytes(source)
+            part.replace(self.folder / name)
+            return
+        import obstore
+
+        obstore.put(self._bucket, name, source)
 
     def save(self, write: Callable[[Path], list[tuple[str, str]]]) -> list[tuple[str, str]]:
         """`write(folder)` writes PNGs into `folder` and answers their (name, kind) rows, as the task's

@@ -320,6 +320,7 @@ class ProcessRows:
                     return removed
                 ended = list(db.scalars(select(GenerativeProcess).where(
                     GenerativeProcess.status.in_((RunStatus.FINISHED, RunStatus.ERROR)),
+                    GenerativeProcess.batch_id.is_(None),  # a batch's lines go with their batch (batch_rows.py)
                     GenerativeProcess.end_time < cutoff).order_by(GenerativeProcess.id).limit(batch)))
                 images = [row.data for process in ended for row in process.output if row.data_type == IMAGE_TYPE]
                 for process in ended:

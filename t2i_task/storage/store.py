@@ -27,6 +27,7 @@ from t2i_task.storage import schema
 from t2i_task.storage.database import connect
 from t2i_task.storage.errors import (DuplicateSessionName, InvalidTransition, LeaseLost, NotFoundError,
                                      ProcessNotFound, SessionNotFound, StoreError)
+from t2i_task.storage.batch_rows import BatchRows
 from t2i_task.storage.files import ImageFiles, existing
 from t2i_task.storage.process_rows import ERROR_PREFIX, IMAGE_TYPE, RETENTION_LOCK, ProcessRows
 from t2i_task.storage.tables import (
@@ -37,19 +38,22 @@ from t2i_task.storage.tables import (
 )
 
 log = logging.getLogger(__name__)
+BATCH_FILES = "batch-files"  # the folder (or prefix) of OpenAI's files inside the images'
 
 # What callers import from here.
 __all__ = ["ERROR_PREFIX", "IMAGE_TYPE", "RETENTION_LOCK", "DuplicateSessionName", "InvalidTransition",
            "LeaseLost", "NotFoundError", "ProcessNotFound", "SessionNotFound", "Store", "StoreError"]
 
 
-class Store(ProcessRows):
+class Store(ProcessRows, BatchRows):
     """Sessions, processes and ProcessData rows; their image files are `images` (a local folder or a
-    bucket, t2i_task/storage/files.py), removed with the rows that name them."""
+    bucket, t2i_task/storage/files.py), removed with the rows that name them. Bulk jobs' files and
+    batches are BatchRows (batch_rows.py), their files' bytes `files`, inside `images`."""
 
     def __init__(self, database_url: str, images: ImageFiles | str | Path) -> None:
         self.engine = connect(database_url)
         self.images = images if isinstance(images, ImageFiles) else ImageFiles(images)
+        self.files = self.images.within(BATCH_FILES)
         self._sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
         schema.upgrade(self.engine)  # Alembic migrations: t2i_task/storage/migrations/
 

@@ -11,7 +11,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, SmallInteger, String, Text, TypeDecorator
+from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, SmallInteger, String, Text, TypeDecorator
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -51,6 +51,7 @@ class Priority(enum.IntEnum):
 
     LIVE = 0  # a client waits on the connection for the images
     QUEUED = 1  # a stored process; its client polls
+    BULK = 2  # a line of a bulk job (OpenAI's Batch API): whenever nothing else needs the model
 
 
 class Base(DeclarativeBase):
@@ -118,6 +119,13 @@ class GenerativeProcess(Base):
     # before release 0.4 (their owner alone takes them back).
     lease_expires: Mapped[datetime | None] = mapped_column(index=True)
     priority: Mapped[int | None] = mapped_column(SmallInteger)
+    # Nor these: the bulk job (OpenAI batch, the `batch` table) a process is a line of, and the line's
+    # custom_id, unique within its batch: each line is one process, so each has one result. (No
+    # foreign key: adding one rebuilds the table on SQLite; a batch's lines are deleted with it.)
+    batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
+    custom_id: Mapped[str | None] = mapped_column(String(512))
+
+    __table_args__ = (Index("uq_generative_process_batch_line", "batch_id", "custom_id", unique=True),)
 
     session: Mapped[GenerativeSession] = relationship(back_populates="processes")
     # Loaded with the process: every reader wants its input and output rows.
@@ -144,3 +152,45 @@ class ProcessData(Base):
     data_type: Mapped[str] = mapped_column(String(32))
     process_id: Mapped[int | None] = mapped_column(ForeignKey("generative_process.id", ondelete="CASCADE"), index=True)
     is_input: Mapped[bool] = mapped_column(default=True)
+
+
+class StoredFile(Base):
+    """A file of OpenAI's Files API: a batch's input lines, or its output or error lines. Its bytes are
+    kept with the images (t2i_task/storage/files.py), under its id."""
+
+    __tablename__ = "stored_file"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(String(255))
+    bytes: Mapped[int]
+    created: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class Batch(Base):
+    """A bulk job (OpenAI's Batch API): its lines are processes (GenerativeProcess.batch_id), its
+    state OpenAI's. While a replica writes its results (`finalizing`) it holds the batch under a
+    lease, so a replica that dies there is replaced by another."""
+
+    __tablename__ = "batch"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16), index=True)
+    endpoint: Mapped[str] = mapped_column(String(255))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    input_file_id: Mapped[str] = mapped_column(String(64))
+    metadata_: Mapped[dict[str, Any] | None] = mapped_column("metadata")
+    total: Mapped[int]
+    created: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    in_progress_at: Mapped[datetime | None]
+    expires_at: Mapped[datetime]
+    finalizing_at: Mapped[datetime | None]
+    completed_at: Mapped[datetime | None]
+    failed_at: Mapped[datetime | None]
+    expired_at: Mapped[datetime | None]
+    cancelling_at: Mapped[datetime | None]
+    cancelled_at: Mapped[datetime | None]
+    output_file_id: Mapped[str | None] = mapped_column(String(64))
+    error_file_id: Mapped[str | None] = mapped_column(String(64))
+    owner: Mapped[str | None] = mapped_column(String(255))
+    lease_expires: Mapped[datetime | None]
