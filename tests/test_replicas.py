@@ -7,6 +7,7 @@ test time; the default is 30 s.
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -203,3 +204,36 @@ def test_progress_and_cancel_work_through_a_replica_that_does_not_run_the_proces
             cluster.assert_one_result_each(on_b, [])  # and no image anywhere
     finally:
         a.kill()
+
+
+def test_a_batchs_lines_are_shared_by_the_replicas_and_its_results_written_once(cluster):
+    """Forty lines created through B: B takes what its model has room for (32), A, started after,
+    takes the rest; both run theirs and one of them writes every custom_id once."""
+    lines = "".join(json.dumps({"custom_id": f"line-{i}", "method": "POST", "url": "/v1/images/generations",
+                                "body": {"prompt": f"shared {i}", "num_inference_steps": 2}}) + "\n" for i in range(40))
+    with httpx.Client(base_url=cluster.b.url, timeout=60) as on_b:
+        cluster.gate_b.close()
+        try:
+            upload = on_b.post("/v1/files", files={"file": ("lines.jsonl", lines.encode())}, data={"purpose": "batch"})
+            batch = on_b.post("/v1/batches", json={"input_file_id": upload.json()["id"], "completion_window": "24h",
+                                                   "endpoint": "/v1/images/generations"}).json()
+            cluster.gate_b.wait_until_held()
+            a, _ = cluster.start_a("replica-a5", lease_s=2)
+        finally:
+            cluster.gate_b.open()
+        try:
+            done = wait_for(lambda: (b := on_b.get(f"/v1/batches/{batch['id']}").json())["status"] == "completed" and b,
+                            timeout=120, what="the batch completed")
+            output = [json.loads(line)["custom_id"] for line in
+                      on_b.get(f"/v1/files/{done['output_file_id']}/content").text.splitlines()]
+            assert output == [f"line-{i}" for i in range(40)] and done["request_counts"]["completed"] == 40
+        finally:
+            a.stop()
+    engine = create_engine(cluster.database_url)
+    try:
+        with engine.connect() as db:
+            owners = set(db.execute(text("SELECT owner FROM generative_process WHERE batch_id = :batch"),
+                                    {"batch": batch["id"]}).scalars())
+    finally:
+        engine.dispose()
+    assert owners == {"replica-b", "replica-a5"}, owners
