@@ -43,6 +43,7 @@ from t2i_task.api.guards import (
     JsonRouteErrorsMiddleware,
 )
 from t2i_task.config.settings import load_settings
+from t2i_task.generation.adapters import Adapters
 from t2i_task.generation.pool import ModelPool
 from t2i_task.generation.runner import GenerationRequest, GenerationResult
 from t2i_task.jobs.failures import ModelUnavailable
@@ -153,7 +154,7 @@ def raw(images: list[Image.Image]) -> list[bytes]:
     # its traces record each request once. (OpenTelemetry's middleware otherwise opens a span
     # for every call here, in the worker whose GIL the pipeline needs.)
     logging={"access": {"enabled": False}},
-    tracing={"excluded_urls": "/generate,/progress,/previews,/cancel,/load,/loaded"},
+    tracing={"excluded_urls": "/generate,/progress,/previews,/cancel,/load,/loaded,/adapters"},
 )
 class DiffusionService:
     def __init__(self) -> None:
@@ -222,6 +223,19 @@ class DiffusionService:
         return state
 
     @bentoml.api
+    async def adapters(self) -> Annotated[dict[str, dict[str, str]], JSON]:
+        """Each model's LoRA adapters and their status ("ok", "not checked yet", or why one is unavailable);
+        a model not loaded lists its folder's files, not checked yet."""
+        loaded = {runner_model: runner for runner_model, runner in self.pool.loaded_runners().items()}
+        status = {}
+        for model in settings.served_models:
+            if model.name in loaded:
+                status[model.name] = await asyncio.to_thread(loaded[model.name].adapter_status)
+            else:
+                status[model.name] = Adapters(None, model.entry.loras_dir).seen()
+        return status
+
+    @bentoml.api
     async def loaded(self) -> Annotated[dict[str, int], JSON]:
         """The models loaded now, with their weights' bytes."""
         self._count_loaded()
@@ -280,6 +294,9 @@ class DiffusionClient:
 
     async def loaded(self) -> dict[str, int]:
         return await asyncio.wait_for(self.service().to_async.loaded(), MODEL_CONTROL_TIMEOUT_S)
+
+    async def adapters(self) -> dict[str, dict[str, str]]:
+        return await asyncio.wait_for(self.service().to_async.adapters(), MODEL_CONTROL_TIMEOUT_S)
 
     async def cancel(self, jobs: list[int]) -> None:
         """Tell the model service these jobs are cancelled; if it cannot be reached, their call

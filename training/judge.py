@@ -37,10 +37,63 @@ def outlines(x0: int, x1: int, y0: int, y1: int, side_x: int, side_y: int) -> di
     }
 
 
+STAR_SOLIDITY = 0.75  # a star fills less than this share of its convex hull; the other shapes nearly all
+
+
+def convex_hull_area(mask: np.ndarray) -> float:
+    """The area of the convex hull of the mask's pixels (as unit squares)."""
+    ys, xs = np.nonzero(mask)
+    corners = np.unique(np.concatenate([np.stack([xs + dx, ys + dy], axis=1) for dx in (0, 1) for dy in (0, 1)]),
+                        axis=0)
+    if len(corners) < 3:
+        return float(mask.sum())
+    points = sorted(map(tuple, corners.tolist()))
+
+    def cross(o, a, b) -> float:
+        return (a[0] - o[0]) * (b[1] - o[1]) - (a[1] - o[1]) * (b[0] - o[0])
+
+    def half(ordered):  # Andrew's monotone chain
+        chain = []
+        for point in ordered:
+            while len(chain) >= 2 and cross(chain[-2], chain[-1], point) <= 0:
+                chain.pop()
+            chain.append(point)
+        return chain[:-1]
+
+    hull = half(points) + half(points[::-1])
+    x, y = np.array([p[0] for p in hull], dtype=float), np.array([p[1] for p in hull], dtype=float)
+    return 0.5 * abs(np.dot(x, np.roll(y, 1)) - np.dot(y, np.roll(x, 1)))
+
+
+def solidity(mask: np.ndarray) -> float:
+    """The mask's area over its convex hull's: about 1 for a circle, square or triangle, 0.5-0.7 for a star."""
+    return float(mask.sum()) / max(1.0, convex_hull_area(mask))
+
+
+def has_hole(mask: np.ndarray) -> bool:
+    """Whether background pixels lie enclosed by the shape (not reachable from the picture's border)."""
+    free = ~mask
+    reached = np.zeros_like(mask)
+    reached[0, :], reached[-1, :], reached[:, 0], reached[:, -1] = free[0, :], free[-1, :], free[:, 0], free[:, -1]
+    while True:
+        grown = reached.copy()
+        grown[1:, :] |= reached[:-1, :]
+        grown[:-1, :] |= reached[1:, :]
+        grown[:, 1:] |= reached[:, :-1]
+        grown[:, :-1] |= reached[:, 1:]
+        grown &= free
+        if (grown == reached).all():
+            return bool((free & ~reached).sum() >= 2)
+        reached = grown
+
+
 def best_outline(mask: np.ndarray, x0: int, x1: int, y0: int, y1: int) -> str:
-    """Triangle when the shape is much narrower in its top third than in its bottom third
-    (blur cuts off a small triangle's apex but keeps that), else the better overlap of
-    square and circle."""
+    """Ring or star when the shape fills less than STAR_SOLIDITY of its convex hull (a ring when it
+    encloses background, a hole); triangle when it is
+    much narrower in its top third than in its bottom third (blur cuts off a small triangle's apex
+    but keeps that), else the better overlap of square and circle."""
+    if solidity(mask) < STAR_SOLIDITY:
+        return "ring" if has_hole(mask) else "star"
     rows = mask[y0:y1, x0:x1].sum(axis=1)
     third = max(1, len(rows) // 3)
     if rows[:third].mean() < 0.6 * rows[-third:].mean():

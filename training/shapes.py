@@ -8,6 +8,7 @@ pairs from here; the tests' judge reads pictures back into scenes.
 from __future__ import annotations
 
 import itertools
+import math
 import random
 from dataclasses import dataclass
 
@@ -24,6 +25,10 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "orange": (245, 140, 20),
 }
 SHAPES = ("circle", "square", "triangle")
+# Shapes the base models never saw: adapters teach them (training/train_adapter.py).
+NEW_SHAPES = ("ring", "star")
+STAR_INNER = 0.45  # a five-pointed star's inner radius over its outer one (0.38: a pentagram's)
+RING_HOLE = 0.55  # a ring's hole's radius over its outer one: it fills 70% of its convex hull
 POSITIONS = ("left", "right", "top", "bottom", "center")
 SIZES = ("small", "large")
 
@@ -60,12 +65,12 @@ class Scene:
         return (self.colour, self.shape, self.background) in HELD_OUT
 
 
-def all_scenes() -> list[Scene]:
-    """Every scene the vocabulary can describe."""
+def all_scenes(shapes: tuple[str, ...] = SHAPES) -> list[Scene]:
+    """Every scene the vocabulary can describe (with `shapes`: of those shapes)."""
     return [
         Scene(colour, shape, background, position, size)
         for colour, shape, background, position, size in itertools.product(
-            COLOURS, SHAPES, COLOURS, (None, *POSITIONS), (None, *SIZES)
+            COLOURS, shapes, COLOURS, (None, *POSITIONS), (None, *SIZES)
         )
         if colour != background
     ]
@@ -92,9 +97,25 @@ def render(scene: Scene, resolution: int = 64, jitter: random.Random | None = No
         draw.ellipse(box, fill=fill)
     elif scene.shape == "square":
         draw.rectangle(box, fill=fill)
+    elif scene.shape == "ring":  # a disc with a hole of the background's colour
+        hole = half * RING_HOLE
+        draw.ellipse(box, fill=fill)
+        draw.ellipse((cx - hole, cy - hole, cx + hole, cy + hole), fill=COLOURS[scene.background])
+    elif scene.shape == "star":  # five points, one up, its outer radius half the box
+        draw.polygon(star_points(cx, cy, half), fill=fill)
     else:  # an upright triangle filling the box
         draw.polygon([(cx, cy - half), (cx + half, cy + half), (cx - half, cy + half)], fill=fill)
     return image
+
+
+def star_points(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
+    """A five-pointed star's ten corners, its top point up."""
+    corners = []
+    for k in range(10):
+        r = radius if k % 2 == 0 else radius * STAR_INNER
+        angle = math.pi * k / 5 - math.pi / 2
+        corners.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
+    return corners
 
 
 PHRASINGS = (

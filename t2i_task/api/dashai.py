@@ -152,6 +152,14 @@ def session_parameters(model: ServedModel, values: dict[str, Any]) -> dict[str, 
     return params.model_dump() | kept
 
 
+async def check_adapters(backend: Backend, model: ServedModel, parameters: dict[str, Any]) -> None:
+    """422 naming `loras` and the available adapters when the parameters name one the model lacks."""
+    try:
+        await backend.check_adapters(model, parameters.get("loras"))
+    except ParameterError as exc:
+        raise parameters_error(exc) from exc
+
+
 def session_model(backend: Backend, session: GenerativeSession) -> ServedModel:
     """The model a session generates with (the default where it names none)."""
     return served_model(backend, session.model_name)
@@ -190,13 +198,15 @@ async def create_session(body: SessionCreate, backend: BackendDep) -> dict[str, 
     if body.task_name != TASK_NAME:
         raise ApiError(400, f"Task {body.task_name} is not registered.", param="task_name")
     model = served_model(backend, body.model_name)
+    parameters = session_parameters(model, body.parameters)
+    await check_adapters(backend, model, parameters)
     try:
         session = await backend.db(
             backend.store.create_session,
             task_name=TASK_NAME,
             model_name=model.name,
             name=body.name,
-            parameters=session_parameters(model, body.parameters),
+            parameters=parameters,
             description=body.description,
         )
     except DuplicateSessionName as exc:
@@ -265,7 +275,9 @@ async def update_parameters(
     """Merge the changed values into the session's parameters (`{**old, **new}`, as DashAI does)."""
     changes = body["parameters"] if set(body) == {"parameters"} and isinstance(body["parameters"], dict) else body
     session = await backend.db(backend.store.get_session, session_id)
-    parameters = session_parameters(session_model(backend, session), {**(session.parameters or {}), **changes})
+    model = session_model(backend, session)
+    parameters = session_parameters(model, {**(session.parameters or {}), **changes})
+    await check_adapters(backend, model, parameters)
     return session_json(await backend.db(backend.store.update_session_parameters, session_id, parameters))
 
 
@@ -301,6 +313,7 @@ async def create_process(request: Request, backend: BackendDep) -> dict[str, Any
     session = await backend.db(backend.store.get_session, body.session_id)
     model = session_model(backend, session)
     params = generation_parameters(model, session)
+    await check_adapters(backend, model, params.model_dump())
     with admission():
         process = await backend.queue.submit(session.id, inputs, model, params)
     return process_json(backend, process)

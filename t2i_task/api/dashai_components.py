@@ -59,11 +59,15 @@ def _form_property(schema: dict[str, Any], default: Any) -> dict[str, Any]:
     return field
 
 
-def model_schema(model: ServedModel) -> dict[str, Any]:
-    """A served model's form, built from the pydantic model that validates its parameters."""
+def model_schema(model: ServedModel, adapters: list[str] | None = None) -> dict[str, Any]:
+    """A served model's form, built from the pydantic model that validates its parameters; its
+    `loras` text field names the model's `adapters` (DashAI's form cannot edit a list of objects)."""
     schema = model.parameters_model.model_json_schema()
     defaults = model.defaults.model_dump()
     properties = {name: _form_property(field, defaults[name]) for name, field in schema["properties"].items()}
+    names = ", ".join(adapters or []) or "none"
+    properties["loras"]["description"] = f"{properties['loras']['description']} This model's adapters: {names}."
+    properties["loras"]["examples"] = [f"{name}:1" for name in adapters or []]
     choices = devices()
     properties["device"] = {
         "type": "string", "title": "Device", "enum": choices, "default": choices[-1], "placeholder": choices[-1],
@@ -94,7 +98,7 @@ def task_component() -> dict[str, Any]:
     }
 
 
-def model_component(model: ServedModel) -> dict[str, Any]:
+def model_component(model: ServedModel, adapters: list[str]) -> dict[str, Any]:
     name = model.name
     sizes = f" Draws {model.sizes.native}x{model.sizes.native} best." if model.sizes else ""
     return {
@@ -105,7 +109,7 @@ def model_component(model: ServedModel) -> dict[str, Any]:
         "description": f"{name}, served by this inference server: loaded once, batched across users.{sizes}",
         "display_name": name,
         "configurable_object": True,
-        "schema": model_schema(model),
+        "schema": model_schema(model, adapters),
         "downloaded": True,
         "metadata": {
             "task": [TASK_NAME],
@@ -116,8 +120,12 @@ def model_component(model: ServedModel) -> dict[str, Any]:
     }
 
 
-def components(backend: Backend) -> list[dict[str, Any]]:
-    return [task_component(), *(model_component(model) for model in backend.settings.served_models)]
+async def components(backend: Backend) -> list[dict[str, Any]]:
+    adapters = await backend.adapters()
+    usable = {model: [name for name, status in found.items() if not status.startswith("unavailable")]
+              for model, found in adapters.items()}
+    return [task_component(), *(model_component(model, usable.get(model.name, []))
+                                for model in backend.settings.served_models)]
 
 
 @router.get("/api/v1/component/")
@@ -135,7 +143,7 @@ async def list_components(
         if unknown:
             raise ApiError(422, f"{param}: unknown component type(s) {', '.join(unknown)}; "
                                 f"known: {', '.join(COMPONENT_TYPES)}", param=param)
-    everything = components(backend)
+    everything = await components(backend)
     found = everything
     if select_types:
         found = [c for c in found if c["type"] in select_types]
@@ -166,7 +174,7 @@ async def required_downloads() -> list:
 @router.get("/api/v1/component/{name}/")
 @router.get("/api/v1/component/{name}", include_in_schema=False)
 async def get_component(name: str, backend: BackendDep) -> dict[str, Any]:
-    for component in components(backend):
+    for component in await components(backend):
         if component["name"] == name:
             return component
     raise ApiError(404, f"Component {name} does not exist.", param="name")

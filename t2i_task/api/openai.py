@@ -21,10 +21,10 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from t2i_task.api.backend import Backend, BackendDep
+from t2i_task.api.backend import Backend, BackendDep, check_adapters
 from t2i_task.api.errors import ApiError, admission, parameters_error, retry_later
 from t2i_task.config.models import ServedModel
-from t2i_task.config.parameters import GenerationParameters, ParameterError
+from t2i_task.config.parameters import MAX_LORA_SCALE, MAX_LORAS, GenerationParameters, ParameterError, lora_text
 from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.generation.previews import MAX_PARTIAL_IMAGES
 from t2i_task.jobs.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
@@ -33,6 +33,15 @@ from t2i_task.task import TextToImageGenerationTask, encode_image, encode_pictur
 
 router = APIRouter()
 STREAM_POLL_S = 0.25  # how often a stream looks for new partial images (the model is asked every 0.5 s)
+
+
+class LoraRef(BaseModel):
+    """One adapter of a request: its name (its file's, without .safetensors) and scale."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    scale: float = Field(default=1.0, ge=-MAX_LORA_SCALE, le=MAX_LORA_SCALE)
 
 
 class ImageGenerationRequest(BaseModel):
@@ -70,6 +79,9 @@ class ImageGenerationRequest(BaseModel):
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     seed: int | None = None
+    loras: list[LoraRef] | None = Field(default=None, max_length=MAX_LORAS, description=(
+        "LoRA adapters of the model (GET /v1/models lists them), each with its scale: "
+        "[{\"name\": \"ring\", \"scale\": 0.8}]."))
 
 
 # `quality` as denoising steps, relative to the served model's default step count (`defaults`):
@@ -111,7 +123,8 @@ def served_model(name: str | None, settings: Settings) -> ServedModel:
     return settings.served_model(name)
 
 
-def _model_json(name: str, model: ServedModel, loaded: bool | None = None) -> dict[str, Any]:
+def _model_json(name: str, model: ServedModel, loaded: bool | None = None,
+                adapters: dict[str, str] | None = None) -> dict[str, Any]:
     """OpenAI's model object, with what a client needs to ask this model well (extensions)."""
     sizes = model.sizes
     return {
@@ -120,14 +133,17 @@ def _model_json(name: str, model: ServedModel, loaded: bool | None = None) -> di
         "defaults": model.defaults.model_dump(exclude={"negative_prompt", "seed"}),
         "aliases": list(model.entry.aliases),
         **({"loaded": loaded} if loaded is not None else {}),
+        # Its LoRA adapters (`loras`), each "ok", "not checked yet" or why it is unavailable.
+        **({"adapters": [{"name": adapter, "status": status} for adapter, status in adapters.items()]}
+           if adapters is not None else {}),
     }
 
 
 @router.get("/v1/models")
 async def list_models(backend: BackendDep) -> dict[str, Any]:
     """Every served model, the default first, with its sizes, defaults and whether it is loaded now."""
-    loaded = await backend.loaded_models()
-    return {"object": "list", "data": [_model_json(model.name, model, model.name in loaded)
+    loaded, adapters = await backend.loaded_models(), await backend.adapters()
+    return {"object": "list", "data": [_model_json(model.name, model, model.name in loaded, adapters.get(model.name, {}))
                                        for model in backend.settings.served_models]}
 
 
@@ -135,7 +151,8 @@ async def list_models(backend: BackendDep) -> dict[str, Any]:
 async def get_model(name: str, backend: BackendDep) -> dict[str, Any]:
     """A served model by its name or by any name that reaches it (`root` names the served model)."""
     try:
-        return _model_json(name, served_model(name, backend.settings))
+        model = served_model(name, backend.settings)
+        return _model_json(name, model, adapters=(await backend.adapters()).get(model.name, {}))
     except UnknownModel:
         raise ApiError(404, f"The model {name!r} does not exist. {_served_names(backend.settings)}",
                        param="model") from None
@@ -158,15 +175,20 @@ class ImagesRequest:
     echo: dict[str, str]
 
 
-def resolve(body: ImageGenerationRequest, settings: Settings, task: TextToImageGenerationTask) -> ImagesRequest:
-    """Check a body as this endpoint does (ApiError 400 naming the parameter) and resolve it; a
-    batch's lines go through it too (openai_batches.py)."""
+def resolve(body: ImageGenerationRequest, settings: Settings, task: TextToImageGenerationTask,
+            adapters: dict[str, dict[str, str]]) -> ImagesRequest:
+    """Check a body as this endpoint does (ApiError 400 naming the parameter) and resolve it, against
+    the models' `adapters` (Backend.adapters); a batch's lines go through it too (openai_batches.py)."""
     try:
         model = served_model(body.model, settings)
     except UnknownModel:
         raise ApiError(400, f"Model {body.model!r} is not served. {_served_names(settings)}", param="model") from None
     _refuse_what_cannot_be_honoured(body)
     params = _parameters(body, model)
+    try:
+        check_adapters(adapters, model, params.loras)
+    except ParameterError as exc:
+        raise ApiError(400, str(exc), param="loras") from exc
     try:
         inputs = task.prepare_input_for_database([body.prompt])
     except ValueError as exc:
@@ -193,7 +215,7 @@ def image_link(request: Request, name: str) -> str:
 async def generate_images(
     body: ImageGenerationRequest, request: Request, backend: BackendDep
 ) -> dict[str, Any] | EventSourceResponse:
-    resolved = resolve(body, backend.settings, backend.task)
+    resolved = resolve(body, backend.settings, backend.task, await backend.adapters() if body.loras else {})
     model, params, inputs, echo = resolved.model, resolved.params, resolved.inputs, resolved.echo
 
     if body.stream:
@@ -312,6 +334,8 @@ def _parameters(body: ImageGenerationRequest, model: ServedModel) -> GenerationP
     for field in ("negative_prompt", "num_inference_steps", "guidance_scale", "seed"):
         if getattr(body, field) is not None:
             overrides[field] = getattr(body, field)
+    if body.loras:
+        overrides["loras"] = lora_text((lora.name, lora.scale) for lora in body.loras)
     try:
         return model.validate_parameters(overrides)
     except ParameterError as exc:

@@ -128,7 +128,7 @@ def read_requests(content: bytes, max_lines: int) -> list[tuple[str, dict[str, A
 
 
 def batch_line(custom_id: str, body: dict[str, Any], backend: Backend, sessions: dict[str, int],
-               links: str) -> BatchLine:
+               links: str, adapters: dict[str, dict[str, str]]) -> BatchLine:
     """One request as stored: to run, with what its answer needs; or refused as a live one would be."""
     fallback = sessions[backend.settings.default_model.name]
     try:
@@ -136,7 +136,7 @@ def batch_line(custom_id: str, body: dict[str, Any], backend: Backend, sessions:
         if request.stream:
             raise ApiError(400, "stream is not available in a batch: its results are written to a file.",
                            param="stream")
-        resolved = resolve(request, backend.settings, backend.task)
+        resolved = resolve(request, backend.settings, backend.task, adapters)
     except ValidationError as exc:
         errors = field_errors(exc)
         message = "; ".join(f"{field}: {text}" for field, text in errors)
@@ -171,7 +171,8 @@ async def create_batch(body: BatchCreate, request: Request, backend: BackendDep)
     requests = await backend.db(read_requests, content, backend.settings.bulk.max_lines)
     sessions = {model.name: await session_id(backend, model) for model in backend.settings.served_models}
     links = image_link(request, "")
-    lines = await backend.db(lambda: [batch_line(custom_id, line, backend, sessions, links)
+    adapters = await backend.adapters()
+    lines = await backend.db(lambda: [batch_line(custom_id, line, backend, sessions, links, adapters)
                                       for custom_id, line in requests])
     batch = Batch(id=new_id("batch_"), endpoint=ENDPOINT, completion_window=body.completion_window,
                   input_file_id=stored.id, metadata_=body.metadata)

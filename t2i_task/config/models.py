@@ -41,6 +41,9 @@ class ModelConfig(Section):
         description="More names OpenAI clients may call it by (OpenAI's own image model names reach the default "
         "model).",
     )
+    loras_dir: str | None = Field(
+        default=None, description="A folder of LoRA adapters for this model, one <name>.safetensors each (diffusers "
+        "or kohya keys), taken per request (`loras`); checked at start and when the folder changes.")
     preload: bool = Field(default=False, description="Load at start (the default model always is); else on first use.")
     defaults: dict[str, Any] = Field(
         default_factory=dict, description="Its generation defaults, over the file's `defaults` (e.g. its native size).")

@@ -9,6 +9,7 @@ validates a request, and whose JSON schema clients build their forms from.
 from __future__ import annotations
 
 import functools
+import re
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, create_model, field_validator
@@ -42,6 +43,36 @@ def _no_nul(text: str) -> str:
 # A string that can be stored and written anywhere: no NUL character.
 CleanText = Annotated[str, AfterValidator(_no_nul)]
 
+# LoRA adapters as DashAI's forms can edit them: one text, "name:scale, other:scale" (scale 1 if left out).
+LORA_ITEM = re.compile(r"\s*([A-Za-z0-9_-]{1,64})\s*(?::\s*([-+]?\d+(?:\.\d+)?))?\s*")
+MAX_LORA_SCALE = 2.0  # A1111's and ComfyUI's sliders go this far either way
+MAX_LORAS = 4
+
+
+def lora_list(text: str | None) -> tuple[tuple[str, float], ...]:
+    """The (name, scale) pairs of a `loras` text; ValueError naming what is wrong."""
+    if text is None or not text.strip():
+        return ()
+    pairs: list[tuple[str, float]] = []
+    for part in text.split(","):
+        match = LORA_ITEM.fullmatch(part)
+        if not match:
+            raise ValueError(f"{part.strip()!r} is not an adapter's name or name:scale (e.g. ring:0.8)")
+        name, scale = match[1], float(match[2]) if match[2] else 1.0
+        if not -MAX_LORA_SCALE <= scale <= MAX_LORA_SCALE:
+            raise ValueError(f"the scale of {name} must be between {-MAX_LORA_SCALE:g} and {MAX_LORA_SCALE:g}, got {scale:g}")
+        if name in (known for known, _ in pairs):
+            raise ValueError(f"{name} is named twice")
+        pairs.append((name, scale))
+    if len(pairs) > MAX_LORAS:
+        raise ValueError(f"at most {MAX_LORAS} adapters at once, got {len(pairs)}")
+    return tuple(pairs)
+
+
+def lora_text(pairs) -> str | None:
+    """`loras` as stored: "name:scale, ..." in the order given (None for none)."""
+    return ", ".join(f"{name}:{scale:g}" for name, scale in pairs) or None
+
 
 class GenerationParameters(Section):
     """The parameters of a generation: a session's `parameters` and the defaults.
@@ -58,6 +89,16 @@ class GenerationParameters(Section):
     height: int = Field(default=512, ge=8, multiple_of=8, description="Image height in pixels, a multiple of 8.")
     seed: int = Field(default=-1, ge=-1, le=2**63 - 1, description="-1 draws a random seed, returned with the image.")
     num_images_per_prompt: int = Field(default=1, ge=1, description="Images made for the prompt.")
+    loras: str | None = Field(default=None, description=(
+        f"LoRA adapters of the model, as name:scale separated by commas (e.g. ring:0.8; scale 1 if left out, "
+        f"-{MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g}; at most {MAX_LORAS}); empty: none."))
+
+    @field_validator("loras", mode="before")
+    @classmethod
+    def _loras_as_stored(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return lora_text(lora_list(value))  # ValueError: a 422 naming the field
+        return value
 
     @field_validator("negative_prompt", mode="before")
     @classmethod

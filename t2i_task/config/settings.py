@@ -282,6 +282,8 @@ def _resolve_paths(raw: dict, base: Path) -> None:
         # A local folder (./x, /x, ~/x, or one that exists here); else a Hugging Face id in the local cache.
         if isinstance(model_path, str) and (model_path.startswith((".", "/", "~")) or (base / model_path).exists()):
             entry["path"] = str(_resolve(model_path, base))
+        if isinstance(entry, dict) and isinstance(entry.get("loras_dir"), str):
+            entry["loras_dir"] = str(_resolve(entry["loras_dir"], base))
     storage = raw.get("storage")
     if isinstance(storage, dict):
         if isinstance(storage.get("database_url"), str):

@@ -83,7 +83,8 @@ class ModelPool:
         self.max_loaded = runtime.max_loaded_models
         self.budget_bytes = runtime.memory_budget_mb * MEGABYTE if runtime.memory_budget_mb else None
         self._load = load or (lambda model: DiffusionRunner(
-            model.path, runtime, scheduler=model.entry.scheduler, local_files_only=model.entry.local_files_only))
+            model.path, runtime, scheduler=model.entry.scheduler, local_files_only=model.entry.local_files_only,
+            loras_dir=model.entry.loras_dir))
         self._loaded: dict[str, Loaded] = {}
         self._loading: dict[str, threading.Thread] = {}
         self._failed: dict[str, str] = {}  # why a model's last load failed
@@ -107,6 +108,10 @@ class ModelPool:
             if name in self._loading:
                 return "loading"
             return f"failed: {self._failed[name]}" if name in self._failed else "unloaded"
+
+    def loaded_runners(self) -> dict[str, DiffusionRunner]:
+        with self._lock:
+            return {name: loaded.runner for name, loaded in self._loaded.items()}
 
     def runners(self) -> list[DiffusionRunner]:
         with self._lock:

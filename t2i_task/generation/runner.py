@@ -29,6 +29,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
 from t2i_task.config.settings import RuntimeConfig
+from t2i_task.generation.adapters import Adapters
 from t2i_task.generation.previews import MAX_PARTIAL_IMAGES, decode_latents, preview_steps
 
 log = logging.getLogger(__name__)
@@ -54,13 +55,14 @@ class GenerationRequest(BaseModel):
     job: int | None = Field(default=None, description="Who asked (a process id): what `cancel` names.")
     partial_images: int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES,
                                 description="Previews of each image to decode while it is drawn (previews.py).")
+    loras: tuple[tuple[str, float], ...] = Field(default=(), description="LoRA adapters and their scales (adapters.py).")
 
     def batch_key(self) -> tuple:
         """Requests with equal keys can share one pipeline call: the one place that says what must be
         equal inside a call (the model service, the runner and the scheduler group by it)."""
         # "No negative prompt" is not always "" (SDXL uses zeros for it), so the two never mix.
         return (self.model, self.num_inference_steps, self.guidance_scale, self.width, self.height,
-                self.negative_prompt is None)
+                self.negative_prompt is None, self.loras)
 
 
 @dataclass
@@ -181,6 +183,7 @@ class DiffusionRunner:
         scheduler: str | None = None,
         local_files_only: bool = True,
         max_images_per_call: int | None = None,
+        loras_dir: str | None = None,
     ) -> None:
         runtime = runtime or RuntimeConfig()
         self.placement = resolve_placement(runtime)
@@ -196,6 +199,9 @@ class DiffusionRunner:
         self._progress: dict[int, tuple[int, int]] = {}
         # Partial images decoded so far, per job of the running call: read by `previews`.
         self._previews: dict[int, list[Image.Image]] = {}
+        # Its LoRA files, checked now and whenever they change; loaded before the UNet is compiled.
+        self.adapters = Adapters(self.pipeline, loras_dir)
+        self.adapters.scan()
         self._optimize(runtime.compile)
         self.load_seconds = time.perf_counter() - started
         self.max_images_per_call = max_images_per_call
@@ -232,6 +238,16 @@ class DiffusionRunner:
                 raise RuntimeUnavailable(f"runtime.compile is true but compiling the UNet failed ({reason}); "
                                          "use 'auto' or false") from exc
             log.warning("running the UNet uncompiled: torch.compile failed (%s)", reason)
+
+    def adapter_status(self) -> dict[str, str]:
+        """Each adapter of the model's folder: "ok", or why it is unavailable; new or changed files are
+        checked now unless a call is running (then they are "not checked yet": its next call checks them)."""
+        if not self._lock.acquire(blocking=False):
+            return self.adapters.seen()
+        try:
+            return self.adapters.scan()
+        finally:
+            self._lock.release()
 
     def cancel(self, jobs: Sequence[int]) -> None:
         """Stop the running call at its next step if every job in it is cancelled; a call that
@@ -351,6 +367,8 @@ class DiffusionRunner:
             try:
                 if jobs <= self._cancelled:  # cancelled while it waited for the pipeline
                     raise Cancelled(f"jobs {sorted(jobs)} were cancelled")
+                self.adapters.scan()  # files added or changed since (a few stat calls)
+                self.adapters.apply(requests[0].loras)  # one set per call: batch_key
                 images = self._pipeline_call(requests, generators, previews).images
                 if getattr(self.pipeline, "_interrupt", False):  # stopped part-way: no usable image
                     raise Cancelled(f"jobs {sorted(jobs)} were cancelled")

@@ -28,7 +28,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from t2i_task.config.models import ServedModel
-from t2i_task.config.parameters import GenerationParameters
+from t2i_task.config.parameters import GenerationParameters, lora_list
 from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.config.sizes import resized
 from t2i_task.generation.runner import GenerationRequest, GenerationResult
@@ -239,6 +239,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                 num_images=params.num_images_per_prompt,
                 job=process.id,
                 partial_images=partial_images,
+                loras=lora_list(params.loras),
             )
             await self.loads.ready(model.name, wait_s=None)  # a live call waited in start_live already
             async with self.scheduler.slot(model.seconds(params), priority):
@@ -263,6 +264,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                     "size": f"{params.width}x{params.height}",
                     "drawn_size": f"{width}x{height}",  # resized to `size` when they differ
                     "model": model.name,
+                    "loras": params.loras,
                 }
                 for seed in generated.seeds
             ]
