@@ -70,7 +70,7 @@ def test_dashai_finds_the_plugin_as_a_ready_text_to_image_model():
     assert "inference server" in plugin.DISPLAY_NAME.en
     properties = plugin.get_schema()["properties"]
     assert {"server_url", "model", "num_inference_steps", "guidance_scale", "negative_prompt", "width", "height",
-            "seed", "num_images_per_prompt"} == set(properties)
+            "seed", "num_images_per_prompt", "loras"} == set(properties)
     assert not any("key" in name for name in properties), "the API key must never be a form field"
 
 
@@ -88,14 +88,15 @@ def test_optional_texts_start_blank_with_null_first_and_a_blank_means_none():
 
 
 def test_the_model_field_starts_at_the_servers_default_model_and_names_the_others():
-    properties = build_schema(SHIPPED_FORM, ["shapes-64", "shapes-32"]).model_json_schema()["properties"]
+    properties = build_schema(SHIPPED_FORM, {"shapes-64": ["ring"], "shapes-32": []}).model_json_schema()["properties"]
     assert properties["model"]["placeholder"] == "shapes-64"  # text, so DashAI's form shows no field in red
     assert "shapes-32" in str(properties["model"]["anyOf"][1]["description"])
+    assert properties["loras"]["placeholder"] == " " and "shapes-64: ring" in str(properties["loras"]["anyOf"][1])
 
 
 def test_the_form_takes_the_servers_limits_and_defaults(plugin_server, monkeypatch):
     monkeypatch.setenv("T2I_SERVER_URL", plugin_server.url)
-    assert server_models() == ["tiny-sd"]
+    assert server_models() == {"tiny-sd": []}, "its models and their adapters (none here)"
     form = server_form()
     assert form["width"] == {"minimum": 32, "maximum": 256, "placeholder": 32}
     assert form["num_inference_steps"] == {"minimum": 1, "maximum": 20, "placeholder": 4}

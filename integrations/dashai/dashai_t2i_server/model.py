@@ -38,6 +38,7 @@ SHIPPED_FORM: dict[str, dict[str, Any]] = {
     "height": {"minimum": 32, "maximum": 2048, "placeholder": 64},
     "seed": {"minimum": -1, "maximum": 2**63 - 1, "placeholder": -1},
     "num_images_per_prompt": {"minimum": 1, "maximum": 4, "placeholder": 1},
+    "loras": {"placeholder": ""},
 }
 GENERATION_FIELDS = tuple(SHIPPED_FORM)
 # How an optional text starts in DashAI's form. DashAI 0.10.0's front end marks a text box holding ""
@@ -58,6 +59,8 @@ DESCRIPTIONS = {
     "height": "Image height in pixels, a multiple of 8.",
     "seed": "-1 draws a random seed; a fixed seed gives the same image for the same settings.",
     "num_images_per_prompt": "Images made for the prompt.",
+    "loras": "LoRA adapters of the model, as name:scale separated by commas (e.g. ring:0.8; scale 1 if left out, "
+             "-2 to 2); empty: none.",
 }
 
 
@@ -76,14 +79,16 @@ def server_form() -> dict[str, dict[str, Any]]:
             for name, shipped in SHIPPED_FORM.items()}
 
 
-def server_models() -> list[str]:
-    """The server's models, its default first ([] if it cannot be asked now)."""
+def server_models() -> dict[str, list[str]]:
+    """The server's models, its default first, each with its usable LoRA adapters ({} if it cannot be asked now)."""
     server = InferenceServer(configured_url(), os.environ.get("T2I_API_KEY"), retries=0, call_timeout_s=3)
     try:
-        return [model["id"] for model in server.request("GET", "/v1/models").json()["data"]]
-    except (ServerError, KeyError, TypeError, ValueError) as exc:
+        return {model["id"]: [adapter["name"] for adapter in model.get("adapters", [])
+                              if not adapter["status"].startswith("unavailable")]
+                for model in server.request("GET", "/v1/models").json()["data"]}
+    except (ServerError, KeyError, TypeError, ValueError, AttributeError) as exc:
         log.warning("the inference server's models: unknown for now (%s)", exc)
-        return []
+        return {}
     finally:
         server.close()
 
@@ -93,9 +98,11 @@ def _field(kind, name: str, form: dict[str, Any], description: str | None = None
         en=description or DESCRIPTIONS[name]), alias=MultilingualString(en=name.replace("_", " ").capitalize()))
 
 
-def build_schema(form: dict[str, dict[str, Any]], models: list[str] | None = None) -> type[BaseSchema]:
+def build_schema(form: dict[str, dict[str, Any]], models: dict[str, list[str]] | list[str] | None = None
+                 ) -> type[BaseSchema]:
     """DashAI's form for the server's parameters, with the bounds in `form`; its `model` field starts at the
-    server's default model and names the others (`models`, the default first), as text."""
+    server's default model and names the others (`models`, the default first, with their adapters), as
+    text; its `loras` field, a text (DashAI's form cannot edit a list), names each model's adapters."""
 
     def bounded(name: str, kind, **extra):
         spec = form[name]
@@ -109,9 +116,12 @@ def build_schema(form: dict[str, dict[str, Any]], models: list[str] | None = Non
         field = _field(string_field, name, {"placeholder": start}, description)
         return Optional[field], Field(default=None, json_schema_extra=null_first)
 
-    models = models or []
+    adapters = models if isinstance(models, dict) else {name: [] for name in models or []}
+    models = list(adapters)
     model_help = (f"Model on the server: {', '.join(models)} ({models[0]} is its default; blank: the default)."
                   if models else DESCRIPTIONS["model"])
+    offered = "; ".join(f"{model}: {', '.join(names)}" for model, names in adapters.items() if names)
+    loras_help = DESCRIPTIONS["loras"] + (f" Adapters on the server: {offered}." if offered else "")
 
     return create_model(
         "InferenceServerSchema",
@@ -126,6 +136,7 @@ def build_schema(form: dict[str, dict[str, Any]], models: list[str] | None = Non
         height=bounded("height", int_field, multiple_of=8),
         seed=bounded("seed", int_field),
         num_images_per_prompt=bounded("num_images_per_prompt", int_field),
+        loras=text("loras", description=loras_help),
     )
 
 
