@@ -116,7 +116,7 @@ bench-runner: install
 # cores), then scores it with and without the adapter; copy models/adapter-ring/ring.* into
 # demo_model_64/loras/ to ship it (demo_model_64/loras/README.md).
 adapter-ring: install
-	$(PY) -m training.train_adapter demo_model_64 models/adapter-ring --shape ring --rank 16 --steps 1500
+	$(PY) -m training.train_adapter demo_model_64 models/adapter-ring --shape ring --rank 8 --steps 2000
 	$(PY) -m training.evaluate_adapter demo_model_64 models/adapter-ring --shape ring --card models/adapter-ring
 
 # Retrains the shipped demo model into models/demo (35 minutes on 2 CPU cores), then

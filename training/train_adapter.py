@@ -3,8 +3,8 @@
     .venv/bin/python -m training.train_adapter demo_model_64 models/adapter-ring --shape ring
 
 The base model's weights stay as they are: low-rank adapters (PEFT's LoRA, rank `--rank`) on the
-UNet's attention projections learn from pictures the project draws, half
-of the new shape and half of the shapes the model knows (so that it keeps drawing them as
+UNet's attention and its ResNet blocks' convolutions learn from pictures the project draws,
+most of the new shape and the rest of the shapes the model knows (so that it keeps drawing them as
 before), encoded once by the model's own autoencoder, which the adapter cannot change: what it
 cannot keep of a shape (measured first: `--measure`), no adapter can draw. The adapter is saved
 as one safetensors file in diffusers' LoRA format (`<name>.safetensors`), which the server loads
@@ -37,7 +37,9 @@ from training.train_demo_model import (
     to_tensor,
 )
 
-UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# Attention (what the words mean) and the ResNet blocks' convolutions (how shapes are drawn: an
+# attention-only adapter learnt that a ring is round, not that it has a hole).
+UNET_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2", "conv1", "conv2"]
 # The text encoder stays frozen: transformers 5's PEFT integration (what diffusers loads a text
 # encoder's LoRA through) needs a PEFT release newer than any on the package index here; the UNet's
 # cross-attention learns what the new word's tokens mean (the tokenizer splits it into letters).
@@ -77,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default=None, help="the adapter's name (default: the shape's)")
     parser.add_argument("--resolution", type=int, default=64)
     parser.add_argument("--pictures", type=int, default=6000, help="drawn pictures whose latents are cached")
-    parser.add_argument("--new-share", type=float, default=0.5, help="share of them showing the new shape")
+    parser.add_argument("--new-share", type=float, default=0.7, help="share of them showing the new shape")
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--rank", type=int, default=8)
@@ -91,7 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffusers import DDPMScheduler, StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
 
     args.target.mkdir(parents=True, exist_ok=True)
     StableDiffusionPipeline.save_lora_weights(
-        args.target, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)), weight_name=f"{name}.safetensors", safe_serialization=True)
+        # PEFT's own key names: diffusers reads them for every layer kind (its older names, which
+        # convert_state_dict_to_diffusers gives attention layers alone, were then skipped on load).
+        args.target, unet_lora_layers=get_peft_model_state_dict(unet), weight_name=f"{name}.safetensors", safe_serialization=True)
     (args.target / f"{name}.training.json").write_text(json.dumps({
         "base": str(args.base), "shape": args.shape, "steps": args.steps, "batch": args.batch, "rank": args.rank,
         "lr": args.lr, "pictures": args.pictures, "new_share": args.new_share, "noise_offset": args.noise_offset,
