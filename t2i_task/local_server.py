@@ -56,14 +56,16 @@ def write_config(folder: Path, model_path: Path | None = None, base: Path = DEFA
     entries = config["models"] if "models" in config else [config["model"]]
     if model_path is None:
         # Keep the base's models; relative paths are relative to the base file, not to `folder`.
-        resolved = {model.name: model.path for model in load_settings(base).served_models}
+        resolved = {model.name: model.entry for model in load_settings(base).served_models}
         for entry in entries:
-            entry["path"] = resolved[entry["name"]]
+            entry["path"] = resolved[entry["name"]].path
+            if resolved[entry["name"]].loras_dir:
+                entry["loras_dir"] = resolved[entry["name"]].loras_dir
     else:
         # What the base says of its default model's drawing (sizes, names, defaults) is not this model's.
         default = next(entry for entry in entries if entry["name"] == config.get("default_model", entries[0]["name"]))
         kept = {key: value for key, value in default.items()
-                if key not in ("sizes", "aliases", "defaults", "limits", "preload")}
+                if key not in ("sizes", "aliases", "defaults", "limits", "preload", "loras_dir")}
         for key in ("models", "default_model"):
             config.pop(key, None)
         config["model"] = kept | {"name": Path(model_path).name, "path": str(model_path)}

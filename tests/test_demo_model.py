@@ -46,8 +46,10 @@ def test_the_shipped_weights_are_small_safetensors(folder):
     folder = PROJECT_ROOT / folder
     files = [path for path in folder.rglob("*") if path.is_file()]
     assert not [path for path in files if path.suffix in {".bin", ".pt", ".ckpt", ".pkl"}]
-    assert {path.parent.name for path in files if path.suffix == ".safetensors"} == {"unet", "vae", "text_encoder"}
+    assert {path.parent.name for path in files if path.suffix == ".safetensors"} - {"loras"} == {
+        "unet", "vae", "text_encoder"}
     assert sum(path.stat().st_size for path in files) <= 20 * 2**20
+    assert all(path.stat().st_size <= 2 * 2**20 for path in (folder / "loras").glob("*.safetensors")), "adapters"
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +87,19 @@ def test_fixed_prompts_come_back_as_asked_at_the_default_settings(http, model, s
     assert (picture.colour, picture.shape, picture.background) == (wanted.colour, wanted.shape, wanted.background)
     if wanted.position:
         assert picture.position == wanted.position
+
+
+@pytest.mark.parametrize("prompt, wanted", [
+    ("a large yellow ring on a blue background", Scene("yellow", "ring", "blue")),
+    ("a large white ring on the left on a black background", Scene("white", "ring", "black", "left")),
+])
+def test_the_shipped_ring_adapter_draws_rings_the_model_alone_never_draws(http, prompt, wanted):
+    body = {"prompt": prompt, "response_format": "b64_json", "seed": 11}
+    ring = seen(http.post("/v1/images/generations", json={**body, "loras": [{"name": "ring"}]}).json()[
+        "data"][0]["b64_json"])
+    assert (ring.colour, ring.shape, ring.background) == (wanted.colour, wanted.shape, wanted.background)
+    alone = seen(http.post("/v1/images/generations", json=body).json()["data"][0]["b64_json"])
+    assert alone.shape != "ring" and alone.colour == wanted.colour
 
 
 def test_dashai_flow_draws_the_prompt(http):
