@@ -226,7 +226,7 @@ class DiffusionService:
     async def adapters(self) -> Annotated[dict[str, dict[str, str]], JSON]:
         """Each model's LoRA adapters and their status ("ok", "not checked yet", or why one is unavailable);
         a model not loaded lists its folder's files, not checked yet."""
-        loaded = {runner_model: runner for runner_model, runner in self.pool.loaded_runners().items()}
+        loaded = self.pool.loaded_runners()
         status = {}
         for model in settings.served_models:
             if model.name in loaded:
