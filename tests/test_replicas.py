@@ -219,6 +219,9 @@ def test_a_batchs_lines_are_shared_by_the_replicas_and_its_results_written_once(
                                                    "endpoint": "/v1/images/generations"}).json()
             cluster.gate_b.wait_until_held()
             a, _ = cluster.start_a("replica-a5", lease_s=2)
+            # A takes what B had no room for once its model answers (its queue starts then).
+            wait_for(lambda: "replica-a5" in batch_line_owners(cluster, batch["id"]), timeout=60,
+                     what="replica-a5 holding lines of the batch")
         finally:
             cluster.gate_b.open()
         try:
@@ -229,11 +232,14 @@ def test_a_batchs_lines_are_shared_by_the_replicas_and_its_results_written_once(
             assert output == [f"line-{i}" for i in range(40)] and done["request_counts"]["completed"] == 40
         finally:
             a.stop()
+    assert batch_line_owners(cluster, batch["id"]) == {"replica-b", "replica-a5"}
+
+
+def batch_line_owners(cluster: Cluster, batch_id: str) -> set[str]:
     engine = create_engine(cluster.database_url)
     try:
         with engine.connect() as db:
-            owners = set(db.execute(text("SELECT owner FROM generative_process WHERE batch_id = :batch"),
-                                    {"batch": batch["id"]}).scalars())
+            return set(db.execute(text("SELECT owner FROM generative_process WHERE batch_id = :batch"),
+                                  {"batch": batch_id}).scalars())
     finally:
         engine.dispose()
-    assert owners == {"replica-b", "replica-a5"}, owners
