@@ -241,7 +241,8 @@ class DiffusionRunner:
 
     def adapter_status(self) -> dict[str, str]:
         """Each adapter of the model's folder: "ok", or why it is unavailable; new or changed files are
-        checked now unless a call is running (then they are "not checked yet": its next call checks them)."""
+        checked now unless a call is running (then they are "not checked yet": the next look, or a call
+        that asks for one, checks them)."""
         if not self._lock.acquire(blocking=False):
             return self.adapters.seen()
         try:
@@ -367,7 +368,6 @@ class DiffusionRunner:
             try:
                 if jobs <= self._cancelled:  # cancelled while it waited for the pipeline
                     raise Cancelled(f"jobs {sorted(jobs)} were cancelled")
-                self.adapters.scan()  # files added or changed since (a few stat calls)
                 self.adapters.apply(requests[0].loras)  # one set per call: batch_key
                 images = self._pipeline_call(requests, generators, previews).images
                 if getattr(self.pipeline, "_interrupt", False):  # stopped part-way: no usable image

@@ -87,7 +87,7 @@ class BatchRows:
         return stored
 
     def read_file(self, file_id: str) -> bytes:
-        self.get_file(file_id)
+        """The bytes of a file its caller has looked up (get_file); FileNotFound if they are gone."""
         try:
             return self.files.read(file_id)
         except FileNotFoundError:
