@@ -45,11 +45,13 @@ new MutationObserver(() => {
 """
 IMAGE = "img[src*='/generative-process/file/']"
 STEP_TIMEOUT_MS = 60_000
+INPUT_DEBOUNCE_MS = 300  # DashAI's InputWithDebounce delay
 
 
 @dataclass
 class Walk:
     session_id: int | None = None
+    session_before_delete: dict = field(default_factory=dict)  # the session as its API answered after UPDATE
     renamed_to: str = ""
     timings: dict[str, float] = field(default_factory=dict)
     toasts: list[str] = field(default_factory=list)
@@ -66,11 +68,13 @@ class Walk:
 
 
 def walk_generative_chat(browser, app_url: str, task: str, model: str, screenshots: Path, name_prefix: str = "walk",
-                         parameter: tuple[str, str] = ("seed", "42")) -> Walk:
+                         parameters: tuple[tuple[str, str], ...] = (("seed", "42"),)) -> Walk:
     """Drive DashAI's front end at `app_url` (its `/app/` page) through one chat session, as described above.
 
     `task` and `model` are the labels DashAI shows (the task chip, the model card);
-    `parameter` is the field changed before UPDATE and its new value.
+    `parameters` are the fields changed before UPDATE and their new values. A field that may be
+    empty (null) is switched from "Null" to "String" first, as a user does: DashAI's panel keeps a
+    null field's box disabled until then.
     """
     from playwright.sync_api import expect
 
@@ -123,13 +127,22 @@ def walk_generative_chat(browser, app_url: str, task: str, model: str, screensho
         images_shown(1)
         step("picture")
 
-        key, value = parameter
-        page.locator(f"input[name='{key}']").fill(value)
+        for key, value in parameters:
+            box = page.locator(f"input[name='{key}']")
+            if box.is_disabled():  # a null field: its card's type selector turns it into a text box
+                card = box.locator("xpath=ancestor::*[.//*[@aria-label='type selector']][1]")
+                card.get_by_role("button", name="String", exact=True).click()
+                expect(box).to_be_enabled()
+            box.fill(value)
+            # DashAI's inputs hand a value to the form 300 ms after the last key (InputWithDebounce);
+            # UPDATE is already enabled by an earlier field, so it cannot tell us this one arrived.
+            page.wait_for_timeout(INPUT_DEBOUNCE_MS + 200)
         update = page.get_by_role("button", name="UPDATE")
         expect(update).to_be_enabled()  # the form saw the change (its inputs wait 300 ms)
         update.click()
-        expect(page.get_by_text(re.compile(rf"Parameters updated:\s*{re.escape(key)}:.*{re.escape(value)}"))
-               ).to_be_visible()
+        for key, value in parameters:
+            expect(page.get_by_text(re.compile(rf"Parameters updated:.*{re.escape(key)}:.*{re.escape(value)}"))
+                   ).to_be_visible()
         expect(update).to_be_disabled()
         step("updated")
 
@@ -137,6 +150,8 @@ def walk_generative_chat(browser, app_url: str, task: str, model: str, screensho
         message.press("Enter")
         images_shown(2)
         step("second-picture")
+        api = app_url.split("/app/")[0]
+        walk.session_before_delete = page.request.get(f"{api}/api/v1/generative-session/{walk.session_id}").json()
 
         def session_menu(session_name: str):
             # The "more options" button of that session's row in the session list.

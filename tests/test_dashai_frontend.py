@@ -207,11 +207,14 @@ def test_dashais_front_end_is_served_at_app_with_its_root_assets(dashai_server):
 
 
 def test_a_dashai_user_walks_the_generative_chat_in_a_real_browser(browser, dashai_server):
-    """Open, Generative, new session, task and model, create, prompt, picture, UPDATE, second prompt, rename,
-    delete: no error toast, no field in red at any step, no console error but DashAI's own (tests/dashai_walk.py)."""
-    walk = walk_generative_chat(browser, f"{dashai_server.url}/app/", task="Text to Image",
-                                model="shapes-32", screenshots=SCREENSHOTS / "dashai-app")
+    """Open, Generative, new session, task and model, create, prompt, picture, UPDATE (a seed and the shipped
+    ring adapter in the `loras` text field), second prompt, rename, delete: no error toast, no field in red at
+    any step, no console error but DashAI's own (tests/dashai_walk.py)."""
+    walk = walk_generative_chat(browser, f"{dashai_server.url}/app/", task="Text to Image", model="shapes-64",
+                                screenshots=SCREENSHOTS / "dashai-app", parameters=(("seed", "42"), ("loras", "ring:1")))
     assert walk.problems == []
+    assert walk.session_before_delete["parameters"]["loras"] == "ring:1", "stored as the panel sent it"
+    assert walk.session_before_delete["parameters"]["seed"] == 42
     deleted = httpx.get(f"{dashai_server.url}/api/v1/generative-session/{walk.session_id}", timeout=60)
     assert deleted.status_code == 404, "deleted through the UI"
 
