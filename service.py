@@ -6,7 +6,8 @@ Two BentoML services:
   `generate`: BentoML's adaptive batcher joins concurrent requests into one
   pipeline call. Beside it, `progress` and `cancel` answer while a call runs.
 - `TextToImageService` speaks HTTP: a FastAPI app mounted at `/` with one
-  router per API (`t2i_task/api/dashai.py`, `t2i_task/api/openai.py`). It owns
+  router per API (`t2i_task/api/dashai.py`, `t2i_task/api/openai.py`, ...), the
+  page at `/` (`t2i_task/api/page.py`) and the API reference at `/docs`. It owns
   the store, the task's adapters and the process queue
   (`t2i_task/jobs/processes.py`, which hands work over when the model has room:
   `t2i_task/jobs/scheduler.py`), and sends every generation, from every endpoint,
@@ -27,12 +28,12 @@ from typing import Annotated, Any
 import aiohttp
 import bentoml
 from bentoml.validators import ContentType
-from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel
 
-from t2i_task.api import dashai, dashai_components, dashai_jobs, openai, openai_batches, openai_files
+from t2i_task.api import dashai, dashai_components, dashai_jobs, openai, openai_batches, openai_files, page
 from t2i_task.api.dashai_front_end import DashAIFrontEnd
 from t2i_task.api.backend import Backend
 from t2i_task.api.errors import install_error_handlers
@@ -307,15 +308,21 @@ class DiffusionClient:
             logger.warning("could not tell the model service to cancel %s: %s", jobs, type(exc).__name__)
 
 
-app = FastAPI(
+# The API reference at /docs with Swagger UI's files from the fastapi-offline package (FastAPI's
+# own loads them from a CDN); no ReDoc.
+app = FastAPIOffline(
     title="t2i-task",
     description="DashAI's TextToImageGenerationTask: DashAI generative API and OpenAI-compatible Images API.",
     version="0.1.0",
+    docs_url=page.API_REFERENCE,
+    redoc_url=None,
+    static_url=page.API_REFERENCE + "/assets",
 )
 for api in (dashai, dashai_jobs, dashai_components, openai, openai_files, openai_batches):
     app.include_router(api.router)
 dashai_front_end = DashAIFrontEnd(settings.serving.dashai_front_end)  # at /app/, with its root assets
 dashai_front_end.install(app)
+page.install(app)  # this server's own page at /, its files under /ui/
 install_error_handlers(app)
 
 
@@ -376,7 +383,7 @@ if settings.serving.cors_origins:
         allow_credentials="*" not in settings.serving.cors_origins,
     )
 TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.serving.api_keys,
-                                       public=dashai_front_end.is_public)
+                                       public=lambda path: dashai_front_end.is_public(path) or page.is_public(path))
 TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes,
                                        route_limits={openai_files.UPLOAD_PATH: settings.bulk.max_file_bytes})
 TextToImageService.add_asgi_middleware(JsonRouteErrorsMiddleware)

@@ -25,7 +25,8 @@ def test_bentoml_build_packs_code_configuration_model_and_dockerfile(tmp_path):
     src = bento / "src"
     for path in ("service.py", "configuration.yaml", "t2i_task/task.py", "t2i_task/generation/runner.py",
                  "t2i_task/storage/store.py", "t2i_task/api/dashai.py", "t2i_task/api/openai.py",
-                 "t2i_task/storage/migrations/versions/0001_release_0_1_0.py"):
+                 "t2i_task/storage/migrations/versions/0001_release_0_1_0.py", "t2i_task/ui/index.html",
+                 "t2i_task/ui/js/app.js"):
         assert (src / path).is_file(), f"{path} missing from the Bento"
     # Every model of the shipped registry that lives in the project, whole (weights, configs, card).
     shipped = [Path(model.path) for model in load_settings().served_models]

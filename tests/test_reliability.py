@@ -166,7 +166,10 @@ def test_api_keys_guard_every_route_but_the_probes_and_never_reach_the_log(tiny_
         # DashAI's front end loads without a key (a page and its assets cannot send one); its API calls need one.
         for path in ("/app/", "/app/generative", "/manifest.json"):
             assert httpx.get(server.url + path).status_code == 200, path
-        for path in ("/application", "/manifest.json/x", "/static"):
+        # So do this server's page and the API reference (t2i_task/api/page.py).
+        for path in ("/", "/ui/js/app.js", "/docs", "/docs/assets/swagger-ui.css", "/openapi.json"):
+            assert httpx.get(server.url + path).status_code == 200, path
+        for path in ("/application", "/manifest.json/x", "/static", "/uix", "/docsx"):
             assert httpx.get(server.url + path).status_code == 401, path
         assert httpx.get(server.url + "/v1/models", headers={"Authorization": "Bearer second-key"}).status_code == 200
 

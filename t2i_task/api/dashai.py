@@ -27,10 +27,11 @@ from t2i_task.api.dashai_parameters import (check_adapters, generation_parameter
                                             session_parameters, switched_parameters)
 from t2i_task.api.errors import ApiError, admission, validation_error
 from t2i_task.config.parameters import CleanText
+from t2i_task.generation.previews import MAX_PARTIAL_IMAGES
 from t2i_task.jobs.failures import ProcessEnded
 from t2i_task.storage.store import DuplicateSessionName
 from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, ProcessData, RunStatus
-from t2i_task.task import IMAGE_TYPE, TextToImageGenerationTask
+from t2i_task.task import IMAGE_TYPE, TextToImageGenerationTask, encode_picture
 
 TASK_NAME = TextToImageGenerationTask.__name__
 MAX_ID = 2**31 - 1  # PostgreSQL's integer primary keys
@@ -64,6 +65,9 @@ class ProcessCreate(BaseModel):
 
     session_id: int = Field(ge=1, le=MAX_ID)
     input: list[str] = Field(min_length=1)
+    # Not in DashAI's API: the page at / asks for previews on the process's event stream.
+    partial_images: int = Field(default=0, ge=0, le=MAX_PARTIAL_IMAGES, description=(
+        "Partial images of each image to send on the process's event stream while it is drawn."))
 
 
 # The route reads JSON or a form itself; this tells OpenAPI (and fuzzers) both forms.
@@ -258,7 +262,7 @@ async def create_process(request: Request, backend: BackendDep) -> dict[str, Any
     params = generation_parameters(model, session)
     await check_adapters(backend, model, params.model_dump())
     with admission():
-        process = await backend.queue.submit(session.id, inputs, model, params)
+        process = await backend.queue.submit(session.id, inputs, model, params, body.partial_images)
     return process_json(backend, process)
 
 
@@ -324,17 +328,23 @@ async def get_process(process_id: RowId, backend: BackendDep, base64: bool = Fal
 @router.get("/api/v1/generative-process/{process_id}/events")
 async def process_events(process_id: RowId, backend: BackendDep) -> EventSourceResponse:
     """Server-sent events: `{"id", "status", "progress"}` on each change, closed after the final
-    status (3 or 4); a process already ended gets that one event."""
+    status (3 or 4); a process already ended gets that one event. A process created with
+    `partial_images` also gets `{..., "partial_image_index", "preview"}` (a PNG data URL) for each
+    partial image, when this replica runs it."""
     first = await backend.db(backend.store.get_process, process_id)  # 404 before the stream opens
 
     async def changes():
-        process, last = first, None
+        process, last, previews = first, None, 0
         while True:
             state = {"id": process.id, "status": int(process.status),
                      "progress": progress_json(backend.queue.progress.of(process))}
             if state != last:
                 yield {"data": json.dumps(state)}
                 last = state
+            for image in await backend.queue.process_previews(process, previews):
+                preview = "data:image/png;base64," + encode_picture(image, "png")
+                yield {"data": json.dumps({**state, "partial_image_index": previews, "preview": preview})}
+                previews += 1
             if process.status in (RunStatus.FINISHED, RunStatus.ERROR):
                 return
             await asyncio.sleep(EVENTS_POLL_S)

@@ -4,7 +4,8 @@ A live call is a process too, stored and run like any other but at live priority
 and refused at once (429) when the work ahead of it would keep it from finishing
 in time. `start_live` stores and starts one; its caller watches it, takes its
 partial images as the model decodes them and stops it when its client leaves.
-`LiveCalls` is the part of `ProcessQueue` (processes.py) that does this.
+`LiveCalls` is the part of `ProcessQueue` (processes.py) that does this, and hands
+out the partial images of a stored process that asked for them (its event stream).
 """
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ from t2i_task.config.parameters import GenerationParameters
 from t2i_task.config.sizes import resized
 from t2i_task.jobs.failures import ClientGone, QueueFull
 from t2i_task.jobs.scheduler import Priority
-from t2i_task.storage.tables import RunStatus
+from t2i_task.storage.tables import GenerativeProcess, RunStatus
 
-def stored_parameters(model: ServedModel, params: GenerationParameters) -> dict:
-    """What a process keeps of what it runs with: its model and its resolved parameters."""
-    return {"model": model.name, **params.model_dump()}
+def stored_parameters(model: ServedModel, params: GenerationParameters, partial_images: int = 0) -> dict:
+    """What a process keeps of what it runs with: its model, its resolved parameters, and the partial
+    images of each image it was asked to decode while drawn (read back by ProcessQueue._run_queued)."""
+    extra = {"partial_images": partial_images} if partial_images else {}
+    return {"model": model.name, **params.model_dump(), **extra}
 
 
 CLIENT_POLL_S = 0.5  # how often a live request looks whether its client is still there
@@ -121,11 +124,22 @@ class LiveCalls:
 
     async def previews(self, live: LiveCall, since: int) -> list[Image.Image]:
         """The live call's partial images from the `since`-th on, once the model has decoded them."""
-        if self.progress.previews_ready.get(live.process_id, 0) <= since:
+        return await self._previews(live.process_id, live.model, (live.params.width, live.params.height), since)
+
+    async def process_previews(self, process: GenerativeProcess, since: int) -> list[Image.Image]:
+        """A stored process's partial images from the `since`-th on, while it runs on this replica (the
+        model's worker here holds them) and was asked for some."""
+        stored = process.parameters or {}
+        if not stored.get("partial_images") or process.id not in self.pending:
             return []
-        asked = (live.params.width, live.params.height)
-        return [resized(image, *asked) for image in
-                await self.model.previews(live.process_id, since, live.model.drawn(*asked))]
+        model = self.settings.served_model(stored.get("model"))
+        return await self._previews(process.id, model, (stored["width"], stored["height"]), since)
+
+    async def _previews(self, process_id: int, model: ServedModel, asked: tuple[int, int],
+                        since: int) -> list[Image.Image]:
+        if self.progress.previews_ready.get(process_id, 0) <= since:
+            return []
+        return [resized(image, *asked) for image in await self.model.previews(process_id, since, model.drawn(*asked))]
 
     async def stop_live(self, live: LiveCall) -> None:
         """Cancel a live call: its process ends ERROR "cancelled", the model stops its call at

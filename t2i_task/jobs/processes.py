@@ -150,14 +150,14 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
             raise DiskLow(f"Not enough disk space for new images: {', '.join(low)}, below storage.min_free_mb "
                           f"({self.settings.storage.min_free_mb:g} MB). Reading what is stored still works.")
 
-    async def submit(
-        self, session_id: int, inputs: list[tuple[str, str]], model: ServedModel, params: GenerationParameters
-    ) -> GenerativeProcess:
+    async def submit(self, session_id: int, inputs: list[tuple[str, str]], model: ServedModel,
+                     params: GenerationParameters, partial_images: int = 0) -> GenerativeProcess:
         """Store a new process, with what it runs with, and run it in the background; the caller answers at once."""
         self.admit()
         async with self._claims:
             process = await self.db(self.store.create_process, session_id, inputs, owner=self.instance,
-                                    parameters=stored_parameters(model, params), lease_s=self.serving.lease_s)
+                                    lease_s=self.serving.lease_s,
+                                    parameters=stored_parameters(model, params, partial_images))
             self.accept(process, model, params)
         return process
 
@@ -182,7 +182,8 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                 await self.db(self.store.fail_process, process.id, f"cannot run as stored: {exc}", self.instance)
                 return
         priority = Priority.QUEUED if process.priority is None else Priority(process.priority)
-        await self.generate(process, model, params, requeue_if_stopped=True, priority=priority)
+        await self.generate(process, model, params, requeue_if_stopped=True, priority=priority,
+                            partial_images=(process.parameters or {}).get("partial_images", 0))
 
     async def _stored_run(self, process: GenerativeProcess) -> tuple[ServedModel, GenerationParameters]:
         """The model and parameters a process was stored with; a process stored before processes kept
