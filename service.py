@@ -43,6 +43,7 @@ from t2i_task.api.guards import (
     BodySizeLimitMiddleware,
     JsonRouteErrorsMiddleware,
 )
+from t2i_task.config.keys import KeyRing
 from t2i_task.config.settings import load_settings
 from t2i_task.generation.adapters import Adapters
 from t2i_task.generation.pool import ModelPool
@@ -382,7 +383,8 @@ if settings.serving.cors_origins:
         CORSMiddleware, allow_origins=settings.serving.cors_origins, allow_methods=["*"], allow_headers=["*"],
         allow_credentials="*" not in settings.serving.cors_origins,
     )
-TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=settings.serving.api_keys,
+TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=KeyRing(settings.serving.api_keys,
+                                                                       settings.serving.api_keys_file),
                                        public=lambda path: dashai_front_end.is_public(path) or page.is_public(path))
 TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes,
                                        route_limits={openai_files.UPLOAD_PATH: settings.bulk.max_file_bytes})

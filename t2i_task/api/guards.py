@@ -8,12 +8,13 @@ They answer in the error shape of the route they guard: OpenAI's
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 from collections.abc import Callable, Iterable
 
 from starlette.exceptions import HTTPException
+
+from t2i_task.config.keys import KeyRing
 
 OPEN_PATHS = frozenset({"/livez", "/readyz", "/healthz"})
 logger = logging.getLogger("t2i.http")
@@ -87,26 +88,31 @@ def describe(exc: Exception) -> str:
 
 
 class ApiKeyMiddleware:
-    """Requires `Authorization: Bearer <key>` (what the openai client sends) when keys are configured.
+    """Requires `Authorization: Bearer <key>` (what the openai client sends) when keys are configured,
+    and tells the routes whose key it is (`request.state.caller`, a Caller; None with no keys).
 
     Probes stay open so orchestrators need no secret, and so do the paths `public` names (a
     web page and its assets, which a browser loads without a header). Keys are compared in
-    constant time and never logged.
+    constant time and never logged (t2i_task/config/keys.py).
     """
 
-    def __init__(self, app, keys: Iterable[str], public: Callable[[str], bool] = lambda path: False) -> None:
+    def __init__(self, app, keys: KeyRing, public: Callable[[str], bool] = lambda path: False) -> None:
         self.app = app
-        self.keys = [key.encode() for key in keys if key]
+        self.keys = keys
         self.public = public
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or not self.keys or scope["path"] in OPEN_PATHS or self.public(scope["path"]):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        state = scope.setdefault("state", {})
+        state["caller"] = None
+        if not self.keys.enabled or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, presented = header.partition(b" ")
-        # Compare against every key, whatever matches first: timing says nothing.
-        matches = [hmac.compare_digest(presented.strip(), key) for key in self.keys]
-        if scheme.lower() == b"bearer" and any(matches):
+        caller = self.keys.caller(presented.strip().decode("latin-1")) if scheme.lower() == b"bearer" else None
+        if caller is not None or self.public(scope["path"]):  # a public page's calls may still carry a key
+            state["caller"] = caller
             return await self.app(scope, receive, send)
         await send_error(send, scope["path"], 401, "Missing or invalid API key: send 'Authorization: Bearer <key>'.",
                          code="invalid_api_key", headers=[(b"www-authenticate", b"Bearer")])

@@ -71,8 +71,12 @@ class ServingConfig(Section):
     request_timeout_s: float = Field(default=600, gt=0, description="Longest an HTTP request or a runner call may take (504 after).")
     max_body_bytes: int = Field(default=65_536, ge=1024, description="Largest request body; beyond: 413.")
     api_keys: list[str] = Field(
-        default_factory=list, description="Bearer keys; when any is set every route but the probes needs one (T2I_API_KEYS)."
+        default_factory=list, description="Bearer keys, as name:key or bare (named by a short hash), each a user; "
+        "when any key is set every route but the probes and the pages needs one (T2I_API_KEYS, comma separated)."
     )
+    api_keys_file: Path | None = Field(
+        default=None, description="YAML of keys by name, SHA-256 and role (user or admin), read again when it "
+        "changes: keys added or revoked without a restart (T2I_API_KEYS_FILE; t2i_task/config/keys.py).")
     instance_name: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
@@ -241,6 +245,7 @@ ENV_OVERRIDES = (
     ("storage", "database_url", "T2I_DATABASE_URL", str),
     ("storage", "images_dir", "T2I_IMAGES_DIR", str),
     ("serving", "api_keys", "T2I_API_KEYS", _comma_list),
+    ("serving", "api_keys_file", "T2I_API_KEYS_FILE", str),
     ("serving", "instance_name", "T2I_INSTANCE_NAME", str),
     ("serving", "cors_origins", "T2I_CORS_ORIGINS", _comma_list),
     ("serving", "lease_s", "T2I_LEASE_S", float),
@@ -284,6 +289,9 @@ def _resolve_paths(raw: dict, base: Path) -> None:
             entry["path"] = str(_resolve(model_path, base))
         if isinstance(entry, dict) and isinstance(entry.get("loras_dir"), str):
             entry["loras_dir"] = str(_resolve(entry["loras_dir"], base))
+    serving = raw.get("serving")
+    if isinstance(serving, dict) and isinstance(serving.get("api_keys_file"), str):
+        serving["api_keys_file"] = str(_resolve(serving["api_keys_file"], base))
     storage = raw.get("storage")
     if isinstance(storage, dict):
         if isinstance(storage.get("database_url"), str):
