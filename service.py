@@ -35,6 +35,7 @@ from pydantic import BaseModel
 
 from t2i_task.api import dashai, dashai_components, dashai_jobs, openai, openai_batches, openai_files, page
 from t2i_task.api.dashai_front_end import DashAIFrontEnd
+from t2i_task.api.links import SECRET_NAME, LinkSigner, is_signed_image_request
 from t2i_task.api.backend import Backend
 from t2i_task.api.errors import install_error_handlers
 from t2i_task.api.guards import (
@@ -342,7 +343,10 @@ class TextToImageService:
             lambda: self.diffusion, settings.batching.max_batch_size, settings.batching.calls_in_flight,
             sent=lambda requests: self.queue.calls_sent(requests)),  # their processes are started then
             report_waiting=report_waiting)
-        self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue)
+        secret = settings.serving.url_secret
+        links = LinkSigner(secret.get_secret_value() if secret else store.shared_secret(SECRET_NAME),
+                           settings.serving.image_links_s, settings.serving.public_url)
+        self.backend = Backend(settings=settings, store=store, task=task, queue=self.queue, links=links)
         app.state.backend = self.backend  # what the routes work with (t2i_task/api/backend.py)
         self._resuming: asyncio.Task | None = None
 
@@ -385,7 +389,8 @@ if settings.serving.cors_origins:
     )
 TextToImageService.add_asgi_middleware(ApiKeyMiddleware, keys=KeyRing(settings.serving.api_keys,
                                                                        settings.serving.api_keys_file),
-                                       public=lambda path: dashai_front_end.is_public(path) or page.is_public(path))
+                                       public=lambda path: dashai_front_end.is_public(path) or page.is_public(path),
+                                       signed=is_signed_image_request)
 TextToImageService.add_asgi_middleware(BodySizeLimitMiddleware, max_bytes=settings.serving.max_body_bytes,
                                        route_limits={openai_files.UPLOAD_PATH: settings.bulk.max_file_bytes})
 TextToImageService.add_asgi_middleware(JsonRouteErrorsMiddleware)

@@ -9,12 +9,15 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from t2i_task.api.links import LinkSigner
+from t2i_task.config.keys import Caller
 from t2i_task.config.models import ServedModel
 from t2i_task.config.parameters import ParameterError, lora_list
 from t2i_task.config.settings import Settings
 from t2i_task.generation.adapters import NOT_CHECKED as ADAPTER_NOT_CHECKED
 from t2i_task.generation.adapters import OK as ADAPTER_OK
 from t2i_task.jobs.processes import ProcessQueue
+from t2i_task.storage.scope import Scope
 from t2i_task.storage.store import Store
 from t2i_task.task import TextToImageGenerationTask
 
@@ -27,8 +30,9 @@ class Backend:
     store: Store
     task: TextToImageGenerationTask
     queue: ProcessQueue
-    # The session that records each model's OpenAI calls, by model name, once looked up.
-    openai_sessions: dict[str, int] = field(default_factory=dict)
+    links: LinkSigner
+    # The session that records each model's OpenAI calls, by (model name, account), once looked up.
+    openai_sessions: dict[tuple[str, str], int] = field(default_factory=dict)
 
     async def db(self, call, *args, **kwargs):
         """Run a blocking store call off the event loop."""
@@ -73,3 +77,29 @@ async def _backend(request: Request) -> Backend:  # async: FastAPI runs a plain 
 
 
 BackendDep = Annotated[Backend, Depends(_backend)]
+
+
+@dataclass(frozen=True)
+class Owner:
+    """Whose work a request sees and makes: `account` is recorded on what it creates, `scope` the
+    accounts whose rows it may read or change (None: every row)."""
+
+    account: str
+    scope: Scope
+    caller: Caller | None = None
+
+
+async def owner_of(request: Request, backend: BackendDep) -> Owner:  # async: see _backend
+    """The request's owner, from its key (ApiKeyMiddleware): with no keys configured the server has
+    one user, who sees everything; an admin key sees everything too; a user's key sees its own rows,
+    and the rows made before keys had names if `serving.unnamed_rows_owner` names it."""
+    caller: Caller | None = getattr(request.state, "caller", None)
+    if caller is None:  # no keys: one user, who sees all; keys on: a page or signed link, which see nothing here
+        return Owner("", () if getattr(request.state, "keys_required", False) else None)
+    if caller.is_admin:
+        return Owner(caller.name, None, caller)
+    unnamed = ("",) if caller.name == backend.settings.serving.unnamed_rows_owner else ()
+    return Owner(caller.name, (caller.name, *unnamed), caller)
+
+
+OwnerDep = Annotated[Owner, Depends(owner_of)]

@@ -22,7 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from t2i_task.api.backend import Backend, BackendDep
+from t2i_task.api.backend import Backend, BackendDep, OwnerDep
 from t2i_task.api.dashai_parameters import (check_adapters, generation_parameters, served_model, session_model,
                                             session_parameters, switched_parameters)
 from t2i_task.api.errors import ApiError, admission, validation_error
@@ -141,7 +141,7 @@ def progress_json(steps: tuple[int, int] | None) -> dict[str, int] | None:
 
 @router.post("/api/v1/generative-session/", status_code=201)
 @router.post("/api/v1/generative-session", status_code=201, include_in_schema=False)
-async def create_session(body: SessionCreate, backend: BackendDep) -> dict[str, Any]:
+async def create_session(body: SessionCreate, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
     if body.task_name != TASK_NAME:
         raise ApiError(400, f"Task {body.task_name} is not registered.", param="task_name")
     model = served_model(backend, body.model_name)
@@ -155,6 +155,7 @@ async def create_session(body: SessionCreate, backend: BackendDep) -> dict[str, 
             name=body.name,
             parameters=parameters,
             description=body.description,
+            account=owner.account,
         )
     except DuplicateSessionName as exc:
         raise ApiError(409, str(exc), param="name") from exc
@@ -163,28 +164,32 @@ async def create_session(body: SessionCreate, backend: BackendDep) -> dict[str, 
 
 @router.get("/api/v1/generative-session/")
 @router.get("/api/v1/generative-session", include_in_schema=False)
-async def list_sessions(backend: BackendDep, limit: Limit = None, offset: Offset = 0) -> list[dict[str, Any]]:
-    """Every session, oldest first (DashAI's front end asks for all); `limit` and `offset` page through them."""
-    return [session_json(s) for s in await backend.db(backend.store.list_sessions, limit, offset)]
+async def list_sessions(backend: BackendDep, owner: OwnerDep, limit: Limit = None,
+                        offset: Offset = 0) -> list[dict[str, Any]]:
+    """Every session of the caller, oldest first (DashAI's front end asks for all); `limit` and `offset` page
+    through them."""
+    return [session_json(s) for s in await backend.db(backend.store.list_sessions, limit, offset, owner.scope)]
 
 
 @router.delete("/api/v1/generative-session/", status_code=204)
 @router.delete("/api/v1/generative-session", status_code=204, include_in_schema=False)
-async def delete_sessions(body: SessionsDelete, backend: BackendDep) -> Response:
-    """DashAI's bulk delete: the sessions, their processes and their image files."""
-    await backend.db(backend.store.delete_sessions, body.ids)
+async def delete_sessions(body: SessionsDelete, backend: BackendDep, owner: OwnerDep) -> Response:
+    """DashAI's bulk delete: the sessions, their processes and their image files (all or, if one is
+    missing, none)."""
+    await backend.db(backend.store.delete_sessions, body.ids, owner.scope)
     return Response(status_code=204)
 
 
 @router.get("/api/v1/generative-session/{session_id}")
-async def get_session(session_id: RowId, backend: BackendDep) -> dict[str, Any]:
-    return session_json(await backend.db(backend.store.get_session, session_id))
+async def get_session(session_id: RowId, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
+    return session_json(await backend.db(backend.store.get_session, session_id, owner.scope))
 
 
 @router.patch("/api/v1/generative-session/{session_id}")
 async def update_session(
     session_id: RowId,
     backend: BackendDep,
+    owner: OwnerDep,
     name: Annotated[CleanText | None, Query(min_length=1, max_length=255)] = None,
     description: Annotated[CleanText | None, Query(max_length=10_000)] = None,
     model_name: str | None = None,
@@ -194,21 +199,21 @@ async def update_session(
     defaults take the new model's, and one set that the new model cannot take is a 422 naming it."""
     parameters = None
     if model_name is not None:
-        session = await backend.db(backend.store.get_session, session_id)
+        session = await backend.db(backend.store.get_session, session_id, owner.scope)
         new = served_model(backend, model_name)
         model_name = new.name  # an alias names its model
         parameters = switched_parameters(session_model(backend, session), new, session.parameters or {})
     try:
         session = await backend.db(backend.store.update_session, session_id, name=name, description=description,
-                                   model_name=model_name, parameters=parameters)
+                                   model_name=model_name, parameters=parameters, scope=owner.scope)
     except DuplicateSessionName as exc:
         raise ApiError(409, str(exc), param="name") from exc
     return session_json(session)
 
 
 @router.delete("/api/v1/generative-session/{session_id}", status_code=204)
-async def delete_session(session_id: RowId, backend: BackendDep) -> Response:
-    await backend.db(backend.store.delete_sessions, [session_id])
+async def delete_session(session_id: RowId, backend: BackendDep, owner: OwnerDep) -> Response:
+    await backend.db(backend.store.delete_sessions, [session_id], owner.scope)
     return Response(status_code=204)
 
 
@@ -216,22 +221,23 @@ async def delete_session(session_id: RowId, backend: BackendDep) -> Response:
 async def update_parameters(
     session_id: RowId,
     backend: BackendDep,
+    owner: OwnerDep,
     body: Annotated[dict[str, Any], Body(description="The changed values, bare (DashAI's front end) or as "
                                                     "`{\"parameters\": {...}}`.")],
 ) -> dict[str, Any]:
     """Merge the changed values into the session's parameters (`{**old, **new}`, as DashAI does)."""
     changes = body["parameters"] if set(body) == {"parameters"} and isinstance(body["parameters"], dict) else body
-    session = await backend.db(backend.store.get_session, session_id)
+    session = await backend.db(backend.store.get_session, session_id, owner.scope)
     model = session_model(backend, session)
     parameters = session_parameters(model, {**(session.parameters or {}), **changes})
     await check_adapters(backend, model, parameters)
-    return session_json(await backend.db(backend.store.update_session_parameters, session_id, parameters))
+    return session_json(await backend.db(backend.store.update_session_parameters, session_id, parameters, owner.scope))
 
 
 @router.get("/api/v1/generative-session/parameters-history/{session_id}")
-async def parameters_history(session_id: RowId, backend: BackendDep) -> list[dict[str, Any]]:
+async def parameters_history(session_id: RowId, backend: BackendDep, owner: OwnerDep) -> list[dict[str, Any]]:
     """Each recorded change as DashAI's front end shows it: which parameter went from what to what."""
-    history = await backend.db(backend.store.get_parameter_history, session_id)
+    history = await backend.db(backend.store.get_parameter_history, session_id, owner.scope)
     entries, before = [], {}
     for record in history:
         after = record.parameters or {}
@@ -248,7 +254,7 @@ async def parameters_history(session_id: RowId, backend: BackendDep) -> list[dic
 
 @router.post("/api/v1/generative-process/", status_code=201, openapi_extra=PROCESS_BODY_SCHEMA)
 @router.post("/api/v1/generative-process", status_code=201, include_in_schema=False)
-async def create_process(request: Request, backend: BackendDep) -> dict[str, Any]:
+async def create_process(request: Request, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
     """JSON `{session_id, input: [prompt]}` or DashAI's form (`session_id`, `text_0`)."""
     body = await _process_body(request)
     with admission():
@@ -257,7 +263,7 @@ async def create_process(request: Request, backend: BackendDep) -> dict[str, Any
         inputs = backend.task.prepare_input_for_database(body.input)
     except ValueError as exc:
         raise ApiError(422, f"input: {exc}", param="input") from exc
-    session = await backend.db(backend.store.get_session, body.session_id)
+    session = await backend.db(backend.store.get_session, body.session_id, owner.scope)
     model = session_model(backend, session)
     params = generation_parameters(model, session)
     await check_adapters(backend, model, params.model_dump())
@@ -292,10 +298,15 @@ async def _process_body(request: Request) -> ProcessCreate:
 
 @router.get("/api/v1/generative-process/file/{filename}")
 @router.get("/api/v1/generative-process/image/{filename}")
-async def get_image(filename: str, backend: BackendDep) -> Response:
+async def get_image(filename: str, request: Request, backend: BackendDep, owner: OwnerDep) -> Response:
     """A generated PNG by its bare name (`/file/` in DashAI's current front end, `/image/` in older
-    ones), from wherever images are kept: any replica serves any image."""
+    ones), from wherever images are kept: any replica serves any image. With keys on, the caller's
+    own images, or any image by a signed link (t2i_task/api/links.py: 403 if altered or expired)."""
     missing = ApiError(404, f"Image {filename!r} does not exist.", param="filename")
+    if "signature" in request.query_params:
+        backend.links.check(request.url.path, request.query_params)
+    elif owner.scope is not None and not await backend.db(backend.store.image_in_scope, filename, owner.scope):
+        raise missing
     if not IMAGE_NAME.match(filename):  # a bare name only
         raise missing
     images = backend.store.images
@@ -313,25 +324,25 @@ async def get_image(filename: str, backend: BackendDep) -> Response:
 
 
 @router.get("/api/v1/generative-process/session/{session_id}")
-async def list_processes(session_id: RowId, backend: BackendDep, base64: bool = False, limit: Limit = None,
-                         offset: Offset = 0) -> list[dict[str, Any]]:
+async def list_processes(session_id: RowId, backend: BackendDep, owner: OwnerDep, base64: bool = False,
+                         limit: Limit = None, offset: Offset = 0) -> list[dict[str, Any]]:
     """A session's processes, oldest first (all, as DashAI's chat asks); `limit` and `offset` page through them."""
     return [process_json(backend, p, base64)
-            for p in await backend.db(backend.store.list_processes, session_id, limit, offset)]
+            for p in await backend.db(backend.store.list_processes, session_id, limit, offset, owner.scope)]
 
 
 @router.get("/api/v1/generative-process/{process_id}")
-async def get_process(process_id: RowId, backend: BackendDep, base64: bool = False) -> dict[str, Any]:
-    return process_json(backend, await backend.db(backend.store.get_process, process_id), base64)
+async def get_process(process_id: RowId, backend: BackendDep, owner: OwnerDep, base64: bool = False) -> dict[str, Any]:
+    return process_json(backend, await backend.db(backend.store.get_process, process_id, owner.scope), base64)
 
 
 @router.get("/api/v1/generative-process/{process_id}/events")
-async def process_events(process_id: RowId, backend: BackendDep) -> EventSourceResponse:
+async def process_events(process_id: RowId, backend: BackendDep, owner: OwnerDep) -> EventSourceResponse:
     """Server-sent events: `{"id", "status", "progress"}` on each change, closed after the final
     status (3 or 4); a process already ended gets that one event. A process created with
     `partial_images` also gets `{..., "partial_image_index", "preview"}` (a PNG data URL) for each
     partial image, when this replica runs it."""
-    first = await backend.db(backend.store.get_process, process_id)  # 404 before the stream opens
+    first = await backend.db(backend.store.get_process, process_id, owner.scope)  # 404 before the stream opens
 
     async def changes():
         process, last, previews = first, None, 0
@@ -354,8 +365,9 @@ async def process_events(process_id: RowId, backend: BackendDep) -> EventSourceR
 
 
 @router.post("/api/v1/generative-process/{process_id}/cancel", status_code=202)
-async def cancel_process(process_id: RowId, backend: BackendDep) -> dict[str, Any]:
+async def cancel_process(process_id: RowId, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
     """End a queued or running process as ERROR "Error details: cancelled" (409 once it has ended)."""
+    await backend.db(backend.store.get_process, process_id, owner.scope)  # another's: 404
     try:
         process = await backend.queue.cancel(process_id)
     except ProcessEnded as exc:
@@ -364,12 +376,13 @@ async def cancel_process(process_id: RowId, backend: BackendDep) -> dict[str, An
 
 
 @router.delete("/api/v1/generative-process/{process_id}", status_code=204)
-async def delete_process(process_id: RowId, backend: BackendDep) -> Response:
+async def delete_process(process_id: RowId, backend: BackendDep, owner: OwnerDep) -> Response:
     """Delete a process with its rows; a queued or running one is cancelled first."""
+    await backend.db(backend.store.get_process, process_id, owner.scope)  # another's: 404, nothing cancelled
     if process_id in backend.queue.pending:
         with contextlib.suppress(ProcessEnded):
             await backend.queue.cancel(process_id)
-    await backend.db(backend.store.delete_process, process_id)
+    await backend.db(backend.store.delete_process, process_id, owner.scope)
     return Response(status_code=204)
 
 

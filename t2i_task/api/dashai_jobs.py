@@ -15,11 +15,12 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 
-from t2i_task.api.backend import Backend, BackendDep
+from t2i_task.api.backend import Backend, BackendDep, OwnerDep
 from t2i_task.api.dashai import MAX_ID, Limit, Offset, RowId, read_form_or_json
 from t2i_task.api.errors import ApiError
 from t2i_task.jobs.failures import ProcessEnded
 from t2i_task.jobs.processes import CANCELLED
+from t2i_task.storage.scope import in_scope
 from t2i_task.storage.store import ERROR_PREFIX, ProcessNotFound
 from t2i_task.storage.tables import GenerativeProcess, RunStatus
 
@@ -64,7 +65,7 @@ def job_json(backend: Backend, process: GenerativeProcess) -> dict[str, Any]:
 
 @router.post("/api/v1/job/", status_code=201)
 @router.post("/api/v1/job", status_code=201, include_in_schema=False)
-async def create_job(request: Request, backend: BackendDep) -> dict[str, Any]:
+async def create_job(request: Request, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
     """DashAI's multipart `job_type=GenerativeJob`, `kwargs={"generative_process_id": id}` (JSON also
     accepted). The process is queued already; asking again leaves it queued once."""
     body = await read_form_or_json(request)
@@ -81,21 +82,22 @@ async def create_job(request: Request, backend: BackendDep) -> dict[str, Any]:
     if not isinstance(process_id, int) or isinstance(process_id, bool) or not 1 <= process_id <= MAX_ID:
         raise ApiError(422, "kwargs.generative_process_id: a process id (positive integer) is required",
                        param="kwargs.generative_process_id")
-    process = await backend.db(backend.store.get_process, process_id)
+    process = await backend.db(backend.store.get_process, process_id, owner.scope)
     return {"id": process.id, **job_json(backend, process)}
 
 
 @router.get("/api/v1/job/")
 @router.get("/api/v1/job", include_in_schema=False)
-async def list_jobs(backend: BackendDep, limit: Limit = None, offset: Offset = 0) -> list[dict[str, Any]]:
-    """The newest jobs first: LISTED_JOBS of them by default, as DashAI's widget wants; `limit` and `offset`
-    page further back."""
-    return [job_json(backend, p)
-            for p in await backend.db(backend.store.list_recent_processes, limit or LISTED_JOBS, None, offset)]
+async def list_jobs(backend: BackendDep, owner: OwnerDep, limit: Limit = None,
+                    offset: Offset = 0) -> list[dict[str, Any]]:
+    """The caller's newest jobs first: LISTED_JOBS of them by default, as DashAI's widget wants; `limit` and
+    `offset` page further back."""
+    return [job_json(backend, p) for p in await backend.db(backend.store.list_recent_processes,
+                                                           limit or LISTED_JOBS, None, offset, owner.scope)]
 
 
 @router.get("/api/v1/job/changes")
-async def job_changes(backend: BackendDep, since: str | None = None) -> dict[str, Any]:
+async def job_changes(backend: BackendDep, owner: OwnerDep, since: str | None = None) -> dict[str, Any]:
     """The jobs changed after `since` (DashAI's `YYYY-MM-DD HH:MM:SS.fff`, UTC), and a cursor for the next call."""
     now = datetime.now(UTC)
     moment = None
@@ -106,7 +108,7 @@ async def job_changes(backend: BackendDep, since: str | None = None) -> dict[str
             raise ApiError(422, f"since: not a timestamp like '2026-11-25 13:00:00.000': {since!r}",
                            param="since") from exc
         moment = moment if moment.tzinfo else moment.replace(tzinfo=UTC)
-    changed = await backend.db(backend.store.list_recent_processes, LISTED_JOBS, moment)
+    changed = await backend.db(backend.store.list_recent_processes, LISTED_JOBS, moment, 0, owner.scope)
     return {
         "jobs": [job_json(backend, p) for p in changed],
         "cursor": _dashai_time(now),
@@ -117,11 +119,13 @@ async def job_changes(backend: BackendDep, since: str | None = None) -> dict[str
 
 
 @router.delete("/api/v1/job/all")
-async def cancel_all_jobs(backend: BackendDep) -> dict[str, int]:
-    """DashAI's "clear all jobs": every queued or running process is cancelled (live OpenAI calls, whose
-    clients hold them, are left to them); answers how many."""
+async def cancel_all_jobs(backend: BackendDep, owner: OwnerDep) -> dict[str, int]:
+    """DashAI's "clear all jobs": every queued or running process of the caller is cancelled (live OpenAI
+    calls, whose clients hold them, are left to them); answers how many."""
     cancelled = 0
     for process in await backend.db(backend.store.list_unended_processes):
+        if not in_scope(process.account, owner.scope):
+            continue
         try:
             await backend.queue.cancel(process.id)
         except (ProcessEnded, ProcessNotFound):  # ended meanwhile, or a live call
@@ -131,10 +135,11 @@ async def cancel_all_jobs(backend: BackendDep) -> dict[str, int]:
 
 
 @router.delete("/api/v1/job/{job_id}", status_code=204)
-async def cancel_job(job_id: RowId, backend: BackendDep) -> Response:
+async def cancel_job(job_id: RowId, backend: BackendDep, owner: OwnerDep) -> Response:
     """DashAI's job cancel: the same as `POST /api/v1/generative-process/{id}/cancel` (409 once it has
     ended; the process and its images stay, as DashAI keeps a process whose job is removed)."""
     try:
+        await backend.db(backend.store.get_process, job_id, owner.scope)  # another's: 404
         await backend.queue.cancel(job_id)
     except ProcessNotFound as exc:
         raise ApiError(404, f"Job with ID {job_id} does not exist.") from exc
@@ -144,9 +149,9 @@ async def cancel_job(job_id: RowId, backend: BackendDep) -> Response:
 
 
 @router.get("/api/v1/job/{job_id}")
-async def get_job(job_id: RowId, backend: BackendDep) -> dict[str, Any]:
+async def get_job(job_id: RowId, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
     try:
-        process = await backend.db(backend.store.get_process, job_id)
+        process = await backend.db(backend.store.get_process, job_id, owner.scope)
     except ProcessNotFound as exc:
         raise ApiError(404, f"Job with ID {job_id} does not exist.") from exc
     return job_json(backend, process)

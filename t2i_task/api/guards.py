@@ -96,17 +96,19 @@ class ApiKeyMiddleware:
     constant time and never logged (t2i_task/config/keys.py).
     """
 
-    def __init__(self, app, keys: KeyRing, public: Callable[[str], bool] = lambda path: False) -> None:
+    def __init__(self, app, keys: KeyRing, public: Callable[[str], bool] = lambda path: False,
+                 signed: Callable[[str, bytes], bool] = lambda path, query: False) -> None:
         self.app = app
         self.keys = keys
         self.public = public
+        self.signed = signed  # a signed link's request: its route checks the signature (t2i_task/api/links.py)
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         state = scope.setdefault("state", {})
-        state["caller"] = None
-        if not self.keys.enabled or scope["path"] in OPEN_PATHS:
+        state["caller"], state["keys_required"] = None, self.keys.enabled
+        if not self.keys.enabled or scope["path"] in OPEN_PATHS or self.signed(scope["path"], scope["query_string"]):
             return await self.app(scope, receive, send)
         header = dict(scope["headers"]).get(b"authorization", b"")
         scheme, _, presented = header.partition(b" ")

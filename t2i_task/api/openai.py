@@ -11,9 +11,9 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from bentoml.exceptions import BentoMLException
 from fastapi import APIRouter, Request
@@ -21,7 +21,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 from sse_starlette import EventSourceResponse
 
-from t2i_task.api.backend import Backend, BackendDep, check_adapters
+from t2i_task.api.backend import Backend, BackendDep, Owner, OwnerDep, check_adapters
 from t2i_task.api.errors import ApiError, admission, parameters_error, retry_later
 from t2i_task.config.models import ServedModel
 from t2i_task.config.parameters import MAX_LORA_SCALE, MAX_LORAS, GenerationParameters, ParameterError, lora_text
@@ -29,8 +29,10 @@ from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.generation.previews import MAX_PARTIAL_IMAGES
 from t2i_task.jobs.failures import ClientGone, GenerationFailed, ModelUnavailable, describe_failure
 from t2i_task.jobs.live import Finished, LiveCall
+from t2i_task.storage.errors import SessionNotFound
 from t2i_task.task import TextToImageGenerationTask, encode_image, encode_picture
 
+T = TypeVar("T")
 router = APIRouter()
 STREAM_POLL_S = 0.25  # how often a stream looks for new partial images (the model is asked every 0.5 s)
 
@@ -207,34 +209,40 @@ def wants_links(body: ImageGenerationRequest) -> bool:
     return (body.response_format or ("b64_json" if wants_bytes else "url")) == "url"
 
 
-def image_link(request: Request, name: str) -> str:
-    return f"{str(request.base_url).rstrip('/')}/api/v1/generative-process/image/{name}"
+def image_link(request: Request, name: str, backend: Backend | None = None, owner: Owner | None = None) -> str:
+    """The link to an image (serving.public_url or the address the request came to); signed for `owner`
+    when a key made the request, so that it loads without one (t2i_task/api/links.py)."""
+    base = (backend.settings.serving.public_url if backend else None) or str(request.base_url)
+    path = f"/api/v1/generative-process/image/{name}"
+    if backend and owner and owner.caller is not None:
+        return backend.links.link(base, path, owner.account)
+    return f"{base.rstrip('/')}{path}"
 
 
 @router.post("/v1/images/generations", response_model=None)
 async def generate_images(
-    body: ImageGenerationRequest, request: Request, backend: BackendDep
+    body: ImageGenerationRequest, request: Request, backend: BackendDep, owner: OwnerDep
 ) -> dict[str, Any] | EventSourceResponse:
     resolved = resolve(body, backend.settings, backend.task, await backend.adapters() if body.loras else {})
     model, params, inputs, echo = resolved.model, resolved.params, resolved.inputs, resolved.echo
 
     if body.stream:
         with admission():
-            live = await backend.queue.start_live(await session_id(backend, model), inputs, model, params,
-                                                  partial_images=body.partial_images or 0)
+            live = await in_openai_session(backend, model, owner, lambda session: backend.queue.start_live(
+                session, inputs, model, params, partial_images=body.partial_images or 0))
         return EventSourceResponse(_stream(live, body, echo, backend))
 
     with admission():
         try:
-            finished = await backend.queue.run_now(await session_id(backend, model), inputs, model, params,
-                                                   client_gone=request.is_disconnected)
+            finished = await in_openai_session(backend, model, owner, lambda session: backend.queue.run_now(
+                session, inputs, model, params, client_gone=request.is_disconnected))
         except ClientGone as exc:  # nobody reads this answer; 499 as nginx logs it
             raise ApiError(499, str(exc)) from exc
         except (BentoMLException, ModelUnavailable, GenerationFailed, OSError) as exc:
             raise _generation_error(exc) from exc
 
     if wants_links(body):
-        data = [{"url": image_link(request, name)} for name, _ in finished.outputs]
+        data = [{"url": image_link(request, name, backend, owner)} for name, _ in finished.outputs]
     else:
         data = [{"b64_json": image} for image in _final_images(finished, body, backend)]
     return {"created": int(time.time()), "data": data, **echo, "usage": _usage(finished)}
@@ -303,18 +311,30 @@ def _usage(finished: Finished) -> dict[str, Any]:
             "output_tokens": 0, "total_tokens": tokens}
 
 
-async def session_id(backend: Backend, model: ServedModel) -> int:
-    """The session that records OpenAI calls as processes (one per model)."""
-    if model.name not in backend.openai_sessions:
+async def session_id(backend: Backend, model: ServedModel, owner: Owner, fresh: bool = False) -> int:
+    """The session that records an owner's OpenAI calls as processes (one per model and owner), looked up
+    once (again when `fresh`: its owner may have deleted it)."""
+    key = (model.name, owner.account)
+    if fresh or key not in backend.openai_sessions:
         session = await backend.db(
             backend.store.get_or_create_session,
             task_name=TextToImageGenerationTask.__name__,
             model_name=model.name,
             name=f"openai-images-{model.name}",
             parameters=model.defaults.model_dump(),
+            account=owner.account,
         )
-        backend.openai_sessions[model.name] = session.id
-    return backend.openai_sessions[model.name]
+        backend.openai_sessions[key] = session.id
+    return backend.openai_sessions[key]
+
+
+async def in_openai_session(backend: Backend, model: ServedModel, owner: Owner,
+                            start: Callable[[int], Awaitable[T]]) -> T:
+    """`start(session id)` in the owner's OpenAI session, made again if it was deleted since it was looked up."""
+    try:
+        return await start(await session_id(backend, model, owner))
+    except SessionNotFound:
+        return await start(await session_id(backend, model, owner, fresh=True))
 
 
 def _parameters(body: ImageGenerationRequest, model: ServedModel) -> GenerationParameters:

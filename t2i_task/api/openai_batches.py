@@ -25,7 +25,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.background import BackgroundTask
 
-from t2i_task.api.backend import Backend, BackendDep
+from t2i_task.api.backend import Backend, BackendDep, OwnerDep
 from t2i_task.api.errors import ApiError, admission, field_errors
 from t2i_task.api.openai_files import known_file_id
 from t2i_task.api.openai import ImageGenerationRequest, image_link, resolve, session_id
@@ -154,7 +154,7 @@ def batch_line(custom_id: str, body: dict[str, Any], backend: Backend, sessions:
 
 
 @router.post("/v1/batches")
-async def create_batch(body: BatchCreate, request: Request, backend: BackendDep) -> dict[str, Any]:
+async def create_batch(body: BatchCreate, request: Request, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
     if body.endpoint != ENDPOINT:
         raise ApiError(400, f"endpoint must be {ENDPOINT!r}: this server's batches generate images; got "
                             f"{body.endpoint!r}", param="endpoint")
@@ -163,19 +163,21 @@ async def create_batch(body: BatchCreate, request: Request, backend: BackendDep)
                             f"{body.completion_window!r}", param="completion_window")
     with admission():
         backend.queue.admit(counted=False)  # refused while draining or short of disk; its lines wait in the database
-    stored = await backend.db(backend.store.get_file, known_file_id(body.input_file_id))
+    stored = await backend.db(backend.store.get_file, known_file_id(body.input_file_id), owner.scope)
     if stored.purpose != "batch":
         raise ApiError(400, f"File {stored.id} is a {stored.purpose} file; a batch reads a file uploaded with "
                             "purpose 'batch'.", param="input_file_id")
     content = await backend.db(backend.store.read_file, stored.id)
     requests = await backend.db(read_requests, content, backend.settings.bulk.max_lines)
-    sessions = {model.name: await session_id(backend, model) for model in backend.settings.served_models}
-    links = image_link(request, "")
+    # Looked up afresh: a cached session its owner deleted would fail the whole batch.
+    sessions = {model.name: await session_id(backend, model, owner, fresh=True)
+                for model in backend.settings.served_models}
+    links = image_link(request, "", backend)  # unsigned: a batch's results are read long after (with a key)
     adapters = await backend.adapters()
     lines = await backend.db(lambda: [batch_line(custom_id, line, backend, sessions, links, adapters)
                                       for custom_id, line in requests])
     batch = Batch(id=new_id("batch_"), endpoint=ENDPOINT, completion_window=body.completion_window,
-                  input_file_id=stored.id, metadata_=body.metadata)
+                  input_file_id=stored.id, metadata_=body.metadata, account=owner.account)
     batch.expires_at = utcnow() + COMPLETION_WINDOWS[body.completion_window]
     batch = await backend.db(backend.store.create_batch, batch, lines)
     refused = sum(1 for line in lines if line.error)
@@ -187,25 +189,26 @@ async def create_batch(body: BatchCreate, request: Request, backend: BackendDep)
 
 
 @router.get("/v1/batches/{batch_id}")
-async def get_batch(batch_id: str, backend: BackendDep) -> dict[str, Any]:
-    return await _answer(backend, await backend.db(backend.store.get_batch, known_batch_id(batch_id)))
+async def get_batch(batch_id: str, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
+    return await _answer(backend, await backend.db(backend.store.get_batch, known_batch_id(batch_id), owner.scope))
 
 
 @router.post("/v1/batches/{batch_id}/cancel")
-async def cancel_batch(batch_id: str, backend: BackendDep) -> dict[str, Any]:
+async def cancel_batch(batch_id: str, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
     """`cancelling` until the lines running now have stopped, then `cancelled`, with the results
     of the lines that finished; the others go to the error file. An ended batch is answered as it is."""
+    await backend.db(backend.store.get_batch, known_batch_id(batch_id), owner.scope)  # another's: 404
     batch = await backend.db(backend.store.end_batch_lines, known_batch_id(batch_id), CANCELLED_REASON)
     await backend.queue.batch_cancelled(batch_id)
     return await _answer(backend, await backend.db(backend.store.get_batch, batch.id))
 
 
 @router.get("/v1/batches")
-async def list_batches(backend: BackendDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
+async def list_batches(backend: BackendDep, owner: OwnerDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
                        after: str | None = None) -> dict[str, Any]:
-    """Batches, newest first; `after` a batch id pages on from it."""
+    """The caller's batches, newest first; `after` a batch id pages on from it."""
     after = known_batch_id(after) if after is not None else None
-    batches = await backend.db(backend.store.list_batches, limit + 1, after)
+    batches = await backend.db(backend.store.list_batches, limit + 1, after, owner.scope)
     counts = await backend.db(backend.store.batch_counts, batches[:limit])
     data = [batch_json(batch, counts[batch.id]) for batch in batches[:limit]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
@@ -213,10 +216,10 @@ async def list_batches(backend: BackendDep, limit: Annotated[int, Query(ge=1, le
 
 
 @router.get("/v1/batches/{batch_id}/images")
-async def batch_images(batch_id: str, backend: BackendDep) -> FileResponse:
+async def batch_images(batch_id: str, backend: BackendDep, owner: OwnerDep) -> FileResponse:
     """Every image the batch made so far, as one zip: `<custom_id>-<n>.png` (characters other than
     letters, digits, `.`, `_` and `-` in a custom_id become `_`)."""
-    batch = await backend.db(backend.store.get_batch, known_batch_id(batch_id))
+    batch = await backend.db(backend.store.get_batch, known_batch_id(batch_id), owner.scope)
     path = await backend.db(_zip_images, backend, batch.id)
     return FileResponse(path, media_type="application/zip", filename=f"{batch.id}_images.zip",
                         background=BackgroundTask(os.unlink, path))

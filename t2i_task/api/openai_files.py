@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from fastapi import APIRouter, Form, Query, UploadFile
 from fastapi.responses import Response
 
-from t2i_task.api.backend import BackendDep
+from t2i_task.api.backend import BackendDep, OwnerDep
 from t2i_task.api.errors import ApiError
 from t2i_task.storage.errors import FileNotFound
 from t2i_task.storage.tables import StoredFile
@@ -47,7 +47,8 @@ def file_json(stored: StoredFile) -> dict[str, Any]:
 
 
 @router.post(UPLOAD_PATH)
-async def upload_file(file: UploadFile, purpose: Annotated[str, Form()], backend: BackendDep) -> dict[str, Any]:
+async def upload_file(file: UploadFile, purpose: Annotated[str, Form()], backend: BackendDep,
+                      owner: OwnerDep) -> dict[str, Any]:
     """A file of a batch's requests: JSONL, one request a line (checked when a batch is created from it)."""
     if purpose != "batch":
         raise ApiError(400, f"purpose must be 'batch' (this server keeps files for bulk jobs), got {purpose!r}",
@@ -60,40 +61,42 @@ async def upload_file(file: UploadFile, purpose: Annotated[str, Form()], backend
                 size += len(chunk)
         if size == 0:
             raise ApiError(400, "The file is empty: a batch file has one JSON request a line.", param="file")
-        stored = await backend.db(backend.store.create_file, purpose, clean_name(file.filename), copy, size)
+        stored = await backend.db(backend.store.create_file, purpose, clean_name(file.filename), copy, size,
+                                  owner.account)
     return file_json(stored)
 
 
 @router.get("/v1/files")
 async def list_files(
     backend: BackendDep,
+    owner: OwnerDep,
     purpose: Literal["batch", "batch_output"] | None = None,
     limit: Annotated[int, Query(ge=1, le=10_000)] = 10_000,
     after: str | None = None,
     order: Literal["asc", "desc"] = "desc",
 ) -> dict[str, Any]:
-    """Files, newest first (`order=asc`: oldest first); `after` a file id pages on from it."""
+    """The caller's files, newest first (`order=asc`: oldest first); `after` a file id pages on from it."""
     after = known_file_id(after) if after is not None else None
-    files = await backend.db(backend.store.list_files, purpose, limit + 1, after, order == "desc")
+    files = await backend.db(backend.store.list_files, purpose, limit + 1, after, order == "desc", owner.scope)
     data = [file_json(stored) for stored in files[:limit]]
     return {"object": "list", "data": data, "first_id": data[0]["id"] if data else None,
             "last_id": data[-1]["id"] if data else None, "has_more": len(files) > limit}
 
 
 @router.get("/v1/files/{file_id}")
-async def get_file(file_id: str, backend: BackendDep) -> dict[str, Any]:
-    return file_json(await backend.db(backend.store.get_file, known_file_id(file_id)))
+async def get_file(file_id: str, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
+    return file_json(await backend.db(backend.store.get_file, known_file_id(file_id), owner.scope))
 
 
 @router.get("/v1/files/{file_id}/content")
-async def file_content(file_id: str, backend: BackendDep) -> Response:
-    stored = await backend.db(backend.store.get_file, known_file_id(file_id))
+async def file_content(file_id: str, backend: BackendDep, owner: OwnerDep) -> Response:
+    stored = await backend.db(backend.store.get_file, known_file_id(file_id), owner.scope)
     content = await backend.db(backend.store.read_file, file_id)
     return Response(content, media_type="application/jsonl",
                     headers={"Content-Disposition": f'attachment; filename="{stored.filename}"'})
 
 
 @router.delete("/v1/files/{file_id}")
-async def delete_file(file_id: str, backend: BackendDep) -> dict[str, Any]:
-    await backend.db(backend.store.delete_file, known_file_id(file_id))
+async def delete_file(file_id: str, backend: BackendDep, owner: OwnerDep) -> dict[str, Any]:
+    await backend.db(backend.store.delete_file, known_file_id(file_id), owner.scope)
     return {"id": file_id, "object": "file", "deleted": True}

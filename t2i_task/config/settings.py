@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BeforeValidator, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import BeforeValidator, Field, PrivateAttr, SecretStr, ValidationError, model_validator
 
 from t2i_task.config.cost import HEADROOM
 from t2i_task.config.models import ModelConfig, ServedModel
@@ -77,6 +77,19 @@ class ServingConfig(Section):
     api_keys_file: Path | None = Field(
         default=None, description="YAML of keys by name, SHA-256 and role (user or admin), read again when it "
         "changes: keys added or revoked without a restart (T2I_API_KEYS_FILE; t2i_task/config/keys.py).")
+    image_links_s: float = Field(
+        default=3600, gt=0, le=7 * 86400, description="How long a signed image link loads without a key: the links "
+        "handed out while keys are on (OpenAI's url) carry a signature and this expiry (t2i_task/api/links.py).")
+    public_url: str | None = Field(
+        default=None, pattern=r"^https?://[^/?#]+(/[^?#]*)?$", description="The absolute base of the links the "
+        "server hands out when it sits behind a proxy, e.g. https://images.example.org (T2I_PUBLIC_URL); "
+        "default: the address each request came to.")
+    url_secret: SecretStr | None = Field(
+        default=None, description="The secret that signs image links (T2I_URL_SECRET); default: one made at random "
+        "once and kept in the database, so that every replica signs alike and links survive restarts.")
+    unnamed_rows_owner: str | None = Field(
+        default=None, description="The key name that owns the rows made with no keys configured (and before keys "
+        "had names); none: only admin keys see them.")
     instance_name: str = Field(
         default_factory=socket.gethostname,
         min_length=1,
@@ -246,6 +259,8 @@ ENV_OVERRIDES = (
     ("storage", "images_dir", "T2I_IMAGES_DIR", str),
     ("serving", "api_keys", "T2I_API_KEYS", _comma_list),
     ("serving", "api_keys_file", "T2I_API_KEYS_FILE", str),
+    ("serving", "public_url", "T2I_PUBLIC_URL", str),
+    ("serving", "url_secret", "T2I_URL_SECRET", str),
     ("serving", "instance_name", "T2I_INSTANCE_NAME", str),
     ("serving", "cors_origins", "T2I_CORS_ORIGINS", _comma_list),
     ("serving", "lease_s", "T2I_LEASE_S", float),

@@ -99,7 +99,8 @@ class BulkLines:
                         ok, line = result_line(process, self.store.images.read)
                         (good if ok else bad).write(json.dumps(line) + "\n")
                         counts[0 if ok else 1] += 1
-            ids = [self.store.create_file("batch_output", f"{batch.id}_{kind}.jsonl", path, path.stat().st_size).id
+            ids = [self.store.create_file("batch_output", f"{batch.id}_{kind}.jsonl", path, path.stat().st_size,
+                                          account=batch.account).id
                    if count else None for kind, path, count in (("output", output, counts[0]),
                                                                ("error", errors, counts[1]))]
         return ids[0], ids[1], (counts[0], counts[1])

@@ -21,6 +21,7 @@ from sqlalchemy import and_, case, delete, exists, func, insert, or_, select, up
 
 from t2i_task.storage.errors import BatchNotFound, FileNotFound
 from t2i_task.storage.process_rows import ERROR_PREFIX, IMAGE_TYPE
+from t2i_task.storage.scope import Scope, in_scope, scope_filter
 from t2i_task.storage.tables import (Batch, GenerativeProcess, Priority, ProcessData, RunStatus, StoredFile,
                                      utcnow)
 
@@ -67,9 +68,11 @@ class BatchRows:
 
     # Files
 
-    def create_file(self, purpose: str, filename: str, source: bytes | Path, size: int) -> StoredFile:
+    def create_file(self, purpose: str, filename: str, source: bytes | Path, size: int,
+                    account: str = "") -> StoredFile:
         """Keep a file's bytes, then its row: a row always names bytes that exist."""
-        stored = StoredFile(id=new_id("file-"), purpose=purpose, filename=filename, bytes=size, created=utcnow())
+        stored = StoredFile(id=new_id("file-"), purpose=purpose, filename=filename, bytes=size, created=utcnow(),
+                            account=account)
         self.files.put(stored.id, source)
         try:
             with self._transaction() as db:
@@ -79,10 +82,10 @@ class BatchRows:
             raise
         return stored
 
-    def get_file(self, file_id: str) -> StoredFile:
+    def get_file(self, file_id: str, scope: Scope = None) -> StoredFile:
         with self._sessionmaker() as db:
             stored = db.get(StoredFile, file_id)
-        if stored is None:
+        if stored is None or not in_scope(stored.account, scope):
             raise FileNotFound(file_id)
         return stored
 
@@ -93,8 +96,9 @@ class BatchRows:
         except FileNotFoundError:
             raise FileNotFound(file_id) from None
 
-    def list_files(self, purpose: str | None, limit: int, after: str | None, newest_first: bool) -> list[StoredFile]:
-        query = select(StoredFile)
+    def list_files(self, purpose: str | None, limit: int, after: str | None, newest_first: bool,
+                   scope: Scope = None) -> list[StoredFile]:
+        query = select(StoredFile).where(scope_filter(StoredFile.account, scope))
         if purpose:
             query = query.where(StoredFile.purpose == purpose)
         order = (StoredFile.created.desc(), StoredFile.id.desc()) if newest_first else (StoredFile.created,
@@ -102,7 +106,7 @@ class BatchRows:
         with self._sessionmaker() as db:
             if after:
                 cursor = db.get(StoredFile, after)
-                if cursor is None:
+                if cursor is None or not in_scope(cursor.account, scope):
                     raise FileNotFound(after)
                 newer = or_(StoredFile.created > cursor.created,
                             and_(StoredFile.created == cursor.created, StoredFile.id > cursor.id))
@@ -111,10 +115,10 @@ class BatchRows:
                 query = query.where(older if newest_first else newer)
             return list(db.scalars(query.order_by(*order).limit(limit)))
 
-    def delete_file(self, file_id: str) -> None:
+    def delete_file(self, file_id: str, scope: Scope = None) -> None:
         with self._transaction() as db:
             stored = db.get(StoredFile, file_id)
-            if stored is None:
+            if stored is None or not in_scope(stored.account, scope):
                 raise FileNotFound(file_id)
             db.delete(stored)
         self.files.delete([file_id])  # once the row is gone: no row names missing bytes
@@ -122,7 +126,8 @@ class BatchRows:
     # Batches
 
     def create_batch(self, batch: Batch, lines: Sequence[BatchLine]) -> Batch:
-        """The batch and every line's process (and input rows), in one transaction: all or nothing."""
+        """The batch and every line's process (and input rows), in one transaction: all or nothing. The lines
+        are the batch's account's (their sessions are that account's too)."""
         now = utcnow()
         batch.created, batch.in_progress_at, batch.status, batch.total = now, now, IN_PROGRESS, len(lines)
         processes = [{
@@ -132,6 +137,7 @@ class BatchRows:
             "progress_step": None if line.error else 0,
             "progress_total": None if line.error else (line.parameters or {}).get("num_inference_steps"),
             "parameters": line.parameters, "priority": int(Priority.BULK), "lease_expires": None,
+            "account": batch.account or "",
         } for line in lines]
         with self._transaction() as db:
             db.add(batch)
@@ -146,20 +152,21 @@ class BatchRows:
                 db.execute(insert(ProcessData.__table__), rows)
         return batch
 
-    def get_batch(self, batch_id: str) -> Batch:
+    def get_batch(self, batch_id: str, scope: Scope = None) -> Batch:
         with self._sessionmaker() as db:
             batch = db.get(Batch, batch_id)
-        if batch is None:
+        if batch is None or not in_scope(batch.account, scope):
             raise BatchNotFound(batch_id)
         return batch
 
-    def list_batches(self, limit: int, after: str | None) -> list[Batch]:
-        """Newest first; `after` a batch id: those created before it."""
-        query = select(Batch).order_by(Batch.created.desc(), Batch.id.desc())
+    def list_batches(self, limit: int, after: str | None, scope: Scope = None) -> list[Batch]:
+        """The scope's batches, newest first; `after` a batch id: those created before it."""
+        query = (select(Batch).where(scope_filter(Batch.account, scope))
+                 .order_by(Batch.created.desc(), Batch.id.desc()))
         with self._sessionmaker() as db:
             if after:
                 cursor = db.get(Batch, after)
-                if cursor is None:
+                if cursor is None or not in_scope(cursor.account, scope):
                     raise BatchNotFound(after)
                 query = query.where(or_(Batch.created < cursor.created,
                                         and_(Batch.created == cursor.created, Batch.id < cursor.id)))

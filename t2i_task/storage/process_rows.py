@@ -23,6 +23,7 @@ from sqlalchemy import Update, and_, bindparam, case, func, insert, or_, select,
 from sqlalchemy.orm import Session
 
 from t2i_task.storage.errors import InvalidTransition, LeaseLost, ProcessNotFound, SessionNotFound
+from t2i_task.storage.scope import Scope, in_scope, scope_filter
 from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, Priority, ProcessData, RunStatus, utcnow
 
 ERROR_PREFIX = "Error details: "
@@ -42,7 +43,7 @@ _TRANSITIONS: dict[RunStatus, set[RunStatus]] = {
 # built at each call with its values in them, creating a process spent 1.1-1.5 ms building the
 # statements and their cache keys, against 0.3 ms with them built once (2-core VM, 2026-12-03).
 _PROCESSES, _DATA, _SESSIONS = GenerativeProcess.__table__, ProcessData.__table__, GenerativeSession.__table__
-_SESSION_EXISTS = select(_SESSIONS.c.id).where(_SESSIONS.c.id == bindparam("session_id"))
+_SESSION_ACCOUNT = select(_SESSIONS.c.account).where(_SESSIONS.c.id == bindparam("session_id"))
 _INSERT_PROCESS = insert(_PROCESSES).returning(_PROCESSES.c.id)
 _INSERT_ROWS = insert(_DATA).returning(_DATA.c.id, sort_by_parameter_order=True)
 _INSERT_OUTPUTS = insert(_DATA)
@@ -99,11 +100,12 @@ class ProcessRows:
     """The store's process methods (it provides `engine`, `_sessionmaker`, `_transaction`, `images`)."""
 
     def list_recent_processes(self, limit: int, changed_since: datetime | None = None,
-                              offset: int = 0) -> list[GenerativeProcess]:
-        """The newest processes of every session (changed after `changed_since`, when given), newest first:
-        `limit` of them from the `offset`-th."""
+                              offset: int = 0, scope: Scope = None) -> list[GenerativeProcess]:
+        """The scope's newest processes of every session (changed after `changed_since`, when given), newest
+        first: `limit` of them from the `offset`-th."""
         with self._sessionmaker() as db:
-            query = select(GenerativeProcess).order_by(GenerativeProcess.id.desc()).offset(offset).limit(limit)
+            query = (select(GenerativeProcess).where(scope_filter(GenerativeProcess.account, scope))
+                     .order_by(GenerativeProcess.id.desc()).offset(offset).limit(limit))
             if changed_since is not None:
                 query = query.where(GenerativeProcess.last_modified > changed_since)
             return list(db.scalars(query))
@@ -139,6 +141,7 @@ class ProcessRows:
             raise ValueError(f"a new process is NOT_STARTED, DELIVERED or STARTED, not {status.name}")
         now = utcnow()
         started = status is RunStatus.STARTED
+        # Its account is its session's, read below in the same transaction.
         values = {"session_id": session_id, "status": status, "created": now, "last_modified": now,
                   "delivery_time": now if status is not RunStatus.NOT_STARTED else None,
                   "start_time": now if started else None, "end_time": None, "owner": owner,
@@ -147,7 +150,8 @@ class ProcessRows:
                   "lease_expires": now + timedelta(seconds=lease_s) if owner and lease_s else None}
         # Core statements, not the ORM's unit of work: every generation is stored on its request's path.
         with self.engine.begin() as db:
-            if db.scalar(_SESSION_EXISTS, {"session_id": session_id}) is None:
+            values["account"] = db.scalar(_SESSION_ACCOUNT, {"session_id": session_id})
+            if values["account"] is None:
                 raise SessionNotFound(session_id)
             process_id = db.execute(_INSERT_PROCESS, values).scalar_one()
             rows = [{"process_id": process_id, "data": data, "data_type": data_type, "is_input": True}
@@ -156,14 +160,15 @@ class ProcessRows:
         return GenerativeProcess(id=process_id, **values,
                                  data=[ProcessData(id=row_id, **row) for row_id, row in zip(row_ids, rows)])
 
-    def get_process(self, process_id: int) -> GenerativeProcess:
+    def get_process(self, process_id: int, scope: Scope = None) -> GenerativeProcess:
         with self._sessionmaker() as db:
-            return self._load_process(db, process_id)
+            return self._load_process(db, process_id, scope)
 
-    def list_processes(self, session_id: int, limit: int | None = None, offset: int = 0) -> list[GenerativeProcess]:
+    def list_processes(self, session_id: int, limit: int | None = None, offset: int = 0,
+                       scope: Scope = None) -> list[GenerativeProcess]:
         """A session's processes, oldest first: `limit` of them from the `offset`-th (all by default)."""
         with self._sessionmaker() as db:
-            self._load_session(db, session_id)
+            self._load_session(db, session_id, scope=scope)
             query = select(GenerativeProcess).where(GenerativeProcess.session_id == session_id)
             return list(db.scalars(query.order_by(GenerativeProcess.id).offset(offset).limit(limit)))
 
@@ -330,10 +335,10 @@ class ProcessRows:
             if len(ended) < batch:
                 return removed
 
-    def delete_process(self, process_id: int) -> None:
+    def delete_process(self, process_id: int, scope: Scope = None) -> None:
         """Delete the process, its rows and its image files."""
         with self._transaction() as db:
-            process = self._load_process(db, process_id)
+            process = self._load_process(db, process_id, scope)
             images = [row.data for row in process.output if row.data_type == IMAGE_TYPE]
             db.delete(process)
         # Files go only once the rows are gone: a failed delete leaves a whole process.
@@ -343,9 +348,19 @@ class ProcessRows:
         """Remove image files by bare name; never anything outside the images' folder or prefix."""
         self.images.delete(file_names)
 
+    def image_in_scope(self, file_name: str, scope: Scope) -> bool:
+        """Whether an image is one of the scope's processes' outputs."""
+        if scope is None:
+            return True
+        query = (select(GenerativeProcess.account).join(ProcessData, ProcessData.process_id == GenerativeProcess.id)
+                 .where(ProcessData.data == file_name, ProcessData.is_input.is_(False)).limit(1))
+        with self._sessionmaker() as db:
+            account = db.scalar(query)
+        return account is not None and in_scope(account, scope)
+
     @staticmethod
-    def _load_process(db: Session, process_id: int) -> GenerativeProcess:
+    def _load_process(db: Session, process_id: int, scope: Scope = None) -> GenerativeProcess:
         process = db.get(GenerativeProcess, process_id)
-        if process is None:
+        if process is None or not in_scope(process.account, scope):
             raise ProcessNotFound(process_id)
         return process

@@ -57,16 +57,37 @@ def head_revision() -> str:
 
 def upgrade(engine: Engine) -> None:
     """Bring the database to this release's schema (see the module docstring)."""
-    with _alembic_commands, engine.begin() as connection:
-        if connection.dialect.name == "postgresql":
-            connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
-        revision = current_revision(connection)
-        if revision == head_revision():
-            return
-        config = alembic_config(connection)
-        if revision is None and inspect(connection).has_table("generative_session"):
-            command.stamp(config, BASELINE)  # made by release 0.1.0, before Alembic
-        command.upgrade(config, "head")
+    with _alembic_commands, engine.connect() as connection:
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # A migration that changes a constraint rebuilds the table on SQLite (a copy, then DROP
+            # TABLE of the old one), and with foreign keys on that DROP would delete every row that
+            # references it (ON DELETE CASCADE). The pragma only takes effect outside a transaction.
+            connection.exec_driver_sql("PRAGMA foreign_keys=OFF")
+            connection.commit()
+        try:
+            with connection.begin():
+                _upgrade(connection)
+        finally:
+            if sqlite:
+                connection.exec_driver_sql("PRAGMA foreign_keys=ON")
+                connection.commit()
+
+
+def _upgrade(connection: Connection) -> None:
+    if connection.dialect.name == "postgresql":
+        connection.execute(text("SELECT pg_advisory_xact_lock(:key)"), {"key": MIGRATION_LOCK})
+    revision = current_revision(connection)
+    if revision == head_revision():
+        return
+    config = alembic_config(connection)
+    if revision is None and inspect(connection).has_table("generative_session"):
+        command.stamp(config, BASELINE)  # made by release 0.1.0, before Alembic
+    command.upgrade(config, "head")
+    if connection.dialect.name == "sqlite":
+        broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+        if broken:
+            raise RuntimeError(f"the migration left rows whose parent is gone: {broken[:5]}")
 
 
 def new_revision(message: str) -> None:

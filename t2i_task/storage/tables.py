@@ -11,7 +11,8 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import JSON, DateTime, Enum, ForeignKey, Index, SmallInteger, String, Text, TypeDecorator
+from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Index, SmallInteger, String, Text, TypeDecorator,
+                        UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -54,6 +55,13 @@ class Priority(enum.IntEnum):
     BULK = 2  # a line of a bulk job (OpenAI's Batch API): whenever nothing else needs the model
 
 
+def account_column():
+    """Not in DashAI's tables: whose a row is, the name of the API key that made it (t2i_task/config/keys.py);
+    "" with no keys, and for rows made before keys had names. Every route answers only its own
+    caller's rows (an admin's: all)."""
+    return mapped_column(String(255), default="", server_default="", index=True)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON}
 
@@ -67,8 +75,12 @@ class GenerativeSession(Base):
     task_name: Mapped[str] = mapped_column(String(255))
     model_name: Mapped[str | None] = mapped_column(String(255))
     parameters: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    name: Mapped[str] = mapped_column(String(255), unique=True)
+    name: Mapped[str] = mapped_column(String(255))
     description: Mapped[str | None] = mapped_column(Text)
+    account: Mapped[str] = account_column()
+
+    # A name is unique among its owner's sessions: another owner's names are not there for them.
+    __table_args__ = (UniqueConstraint("account", "name", name="uq_generative_session_account_name"),)
 
     processes: Mapped[list[GenerativeProcess]] = relationship(
         back_populates="session", cascade="all, delete-orphan", passive_deletes=True
@@ -124,6 +136,7 @@ class GenerativeProcess(Base):
     # foreign key: adding one rebuilds the table on SQLite; a batch's lines are deleted with it.)
     batch_id: Mapped[str | None] = mapped_column(String(64), index=True)
     custom_id: Mapped[str | None] = mapped_column(String(512))
+    account: Mapped[str] = account_column()  # its session's (never changes): lists and images need no join
 
     __table_args__ = (Index("uq_generative_process_batch_line", "batch_id", "custom_id", unique=True),)
 
@@ -142,6 +155,16 @@ class GenerativeProcess(Base):
         return [row for row in self.data if not row.is_input]
 
 
+class ServerSecret(Base):
+    """Not in DashAI's tables: a secret every replica shares, made once and kept (the key that signs image
+    links, so that a link made before a restart, or by another replica, still loads)."""
+
+    __tablename__ = "server_secret"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(255))
+
+
 class ProcessData(Base):
     """One input or output item of a process: `data` and its `data_type` ("str" or "Image")."""
 
@@ -152,6 +175,10 @@ class ProcessData(Base):
     data_type: Mapped[str] = mapped_column(String(32))
     process_id: Mapped[int | None] = mapped_column(ForeignKey("generative_process.id", ondelete="CASCADE"), index=True)
     is_input: Mapped[bool] = mapped_column(default=True)
+
+    # An image's row by its file name: whose the image is, at each fetch with keys on. A hash index on
+    # PostgreSQL: a B-tree entry cannot hold the longest texts (an error message).
+    __table_args__ = (Index("ix_process_data_data", "data", postgresql_using="hash"),)
 
 
 class StoredFile(Base):
@@ -165,6 +192,7 @@ class StoredFile(Base):
     filename: Mapped[str] = mapped_column(String(255))
     bytes: Mapped[int]
     created: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+    account: Mapped[str] = account_column()
 
 
 class Batch(Base):
@@ -192,5 +220,6 @@ class Batch(Base):
     cancelled_at: Mapped[datetime | None]
     output_file_id: Mapped[str | None] = mapped_column(String(64))
     error_file_id: Mapped[str | None] = mapped_column(String(64))
-    owner: Mapped[str | None] = mapped_column(String(255))
+    owner: Mapped[str | None] = mapped_column(String(255))  # the replica writing its results
     lease_expires: Mapped[datetime | None]
+    account: Mapped[str] = account_column()
