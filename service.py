@@ -33,7 +33,7 @@ from fastapi_offline import FastAPIOffline
 from PIL import Image
 from pydantic import BaseModel
 
-from t2i_task.api import dashai, dashai_components, dashai_jobs, openai, openai_batches, openai_files, page
+from t2i_task.api import dashai, dashai_components, dashai_jobs, openai, openai_batches, openai_files, page, usage
 from t2i_task.api.dashai_front_end import DashAIFrontEnd
 from t2i_task.api.links import SECRET_NAME, LinkSigner, is_signed_image_request
 from t2i_task.api.backend import Backend
@@ -102,12 +102,32 @@ BATCH_LINES_WAITING = bentoml.metrics.Gauge(
 )
 
 
-def report_waiting(counts: dict) -> None:
+# Usage by API key name (never the key), read from the database at each sweep: every replica reports
+# the same totals, which only grow (GET /v1/usage answers the same figures).
+KEY_IMAGES = bentoml.metrics.Gauge(
+    name="t2i_key_images",
+    documentation="Images made for each API key (by its name), on every replica since usage was first counted",
+    labelnames=["key"],
+    multiprocess_mode="livemax",
+)
+KEY_MODEL_SECONDS = bentoml.metrics.Gauge(
+    name="t2i_key_model_seconds",
+    documentation="Model-seconds used by each API key (by its name): each generation's cost by its model's "
+                  "calibration, on every replica",
+    labelnames=["key"],
+    multiprocess_mode="livemax",
+)
+
+
+def report_stored(counts: dict, used_by_key: list) -> None:
     for priority, count in counts.items():
         if priority is Priority.BULK:
             BATCH_LINES_WAITING.set(count)
         else:
             STORED_WORK_WAITING.labels(priority=priority.name.lower()).set(count)
+    for used in used_by_key:
+        KEY_IMAGES.labels(key=used.account).set(used.images)
+        KEY_MODEL_SECONDS.labels(key=used.account).set(used.model_seconds)
 
 # BentoML works out an answer's media type from its type's JSON schema at every answer (0.9 ms
 # for `generate`'s, on a request's path) unless the type names it.
@@ -252,7 +272,7 @@ class DiffusionService:
 
 
 class DiffusionClient:
-    """`DiffusionService` as the process queue uses it (`t2i_task.jobs.processes.Model`), over
+    """`DiffusionService` as the process queue uses it (`t2i_task.jobs.model_service.Model`), over
     BentoML's client between the two services (looked up at each call: BentoML sets it up
     after the API service is built)."""
 
@@ -320,7 +340,7 @@ app = FastAPIOffline(
     redoc_url=None,
     static_url=page.API_REFERENCE + "/assets",
 )
-for api in (dashai, dashai_jobs, dashai_components, openai, openai_files, openai_batches):
+for api in (dashai, dashai_jobs, dashai_components, openai, openai_files, openai_batches, usage):
     app.include_router(api.router)
 dashai_front_end = DashAIFrontEnd(settings.serving.dashai_front_end)  # at /app/, with its root assets
 dashai_front_end.install(app)
@@ -342,7 +362,7 @@ class TextToImageService:
         self.queue = ProcessQueue(store, task, settings, DiffusionClient(
             lambda: self.diffusion, settings.batching.max_batch_size, settings.batching.calls_in_flight,
             sent=lambda requests: self.queue.calls_sent(requests)),  # their processes are started then
-            report_waiting=report_waiting)
+            report_stored=report_stored)
         secret = settings.serving.url_secret
         links = LinkSigner(secret.get_secret_value() if secret else store.shared_secret(SECRET_NAME),
                            settings.serving.image_links_s, settings.serving.public_url)

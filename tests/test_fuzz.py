@@ -20,11 +20,18 @@ FAST_LIMITS = {"limits": {"max_width": 64, "max_height": 64, "max_steps": 2, "ma
                "defaults": {"num_inference_steps": 1}}
 
 
+FUZZ_KEY = "fuzz-user-key"
+
+
 @pytest.fixture
 def fuzz_server(tiny_model_path, tmp_path, database_url):
-    """A server on each database: PostgreSQL refuses inputs SQLite takes (NUL, 64-bit ids)."""
-    server = start_server(write_config(tmp_path, tiny_model_path, **FAST_LIMITS),
-                          env={"T2I_DATABASE_URL": database_url})
+    """A server on each database: PostgreSQL refuses inputs SQLite takes (NUL, 64-bit ids). The one on
+    SQLite requires keys (the fuzzer sends a user's), so every route is also fuzzed with an owner's scope."""
+    env = {"T2I_DATABASE_URL": database_url}
+    if database_url.startswith("sqlite"):
+        env["T2I_API_KEYS"] = f"fuzzer:{FUZZ_KEY}"
+    server = start_server(write_config(tmp_path, tiny_model_path, **FAST_LIMITS), env=env)
+    server.headers = {"Authorization": f"Bearer {FUZZ_KEY}"} if "T2I_API_KEYS" in env else {}
     yield server
     server.stop()
 
@@ -55,7 +62,7 @@ def check_response(case, response) -> None:
 
 
 def test_no_fuzzed_request_gets_a_server_error(fuzz_server):
-    api = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    api = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")  # public: the API reference reads it
     operations = [result.ok() for result in api.get_all_operations()]
     assert len(operations) >= 12, "every route is in the schema"
     sent = 0
@@ -70,7 +77,7 @@ def test_no_fuzzed_request_gets_a_server_error(fuzz_server):
         def fuzz(case):
             nonlocal sent
             sent += 1
-            check_response(case, case.call(timeout=30))  # a hang fails here
+            check_response(case, case.call(timeout=30, headers=fuzz_server.headers))  # a hang fails here
 
         try:
             fuzz()

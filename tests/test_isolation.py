@@ -38,6 +38,7 @@ OWNED = {  # answer only the caller's own objects (bob_cannot_see_or_change belo
     "POST /v1/images/generations", "POST /v1/files", "GET /v1/files", "GET /v1/files/{file_id}",
     "DELETE /v1/files/{file_id}", "GET /v1/files/{file_id}/content", "POST /v1/batches", "GET /v1/batches",
     "GET /v1/batches/{batch_id}", "POST /v1/batches/{batch_id}/cancel", "GET /v1/batches/{batch_id}/images",
+    "GET /v1/usage",
 }
 SHARED = {  # the server's own description: the same for every key
     "GET /api/v1/task/metadata", "GET /api/v1/component/", "GET /api/v1/component/{name}/download",
@@ -55,8 +56,8 @@ KEYS_ENV = {"T2I_API_KEYS": "alice:alice-key,bob:bob-key"}
 def keyed(server_folder, gate):
     keys_file = server_folder / "keys.yaml"
     keys_file.write_text(yaml.safe_dump({"keys": [{"name": "ops", "sha256": key_hash("ops-key"), "role": "admin"}]}))
-    server = start_server(write_config(server_folder, serving={"api_keys_file": str(keys_file)}),
-                          env=gate.env(**KEYS_ENV))
+    serving = {"api_keys_file": str(keys_file), "max_queued_per_key": 2}
+    server = start_server(write_config(server_folder, serving=serving), env=gate.env(**KEYS_ENV))
     yield server
     server.stop()
 
@@ -176,6 +177,42 @@ def test_bob_changes_nothing_of_alices(alice, bob, alices, gate):
         assert bob.delete(f"/api/v1/generative-process/{running['id']}").status_code == 404
         assert bob.post(f"/v1/batches/{alices['batch']['id']}/cancel").status_code == 404
     assert ended(alice, running["id"])["status"] == 3, "finished as if Bob had done nothing"
+
+
+def test_a_key_past_its_share_gets_429_and_the_other_keys_go_on(alice, bob, alices, gate):
+    """serving.max_queued_per_key is 2 here: Alice's third queued generation is refused with Retry-After,
+    Bob's first is taken."""
+    session = alices["session"]
+    bobs = bob.post("/api/v1/generative-session/", json={"name": "bob's", "task_name": TASK, "parameters": SMALL})
+    with gate.closed():
+        held = [alice.post("/api/v1/generative-process/", json={"session_id": session["id"], "input": [f"job {n}"]})
+                for n in range(2)]
+        assert [answer.status_code for answer in held] == [201, 201]
+        refused = alice.post("/api/v1/generative-process/", json={"session_id": session["id"], "input": ["job 3"]})
+        assert refused.status_code == 429 and int(refused.headers["Retry-After"]) >= 1
+        assert "max_queued_per_key" in refused.json()["detail"]
+        openai_refused = alice.post("/v1/images/generations", json={"prompt": "one more", **SMALL})
+        assert openai_refused.status_code == 429 and openai_refused.json()["error"]["message"]
+        taken = bob.post("/api/v1/generative-process/", json={"session_id": bobs.json()["id"], "input": ["bob's"]})
+        assert taken.status_code == 201
+    for process in [*held, taken]:
+        assert ended(alice if process is not taken else bob, process.json()["id"])["status"] == 3
+
+
+def test_usage_is_counted_per_key_and_each_key_reads_its_own(keyed, alice, bob, admin, alices):
+    """GET /v1/usage: images and model-seconds of the caller's key (an admin's: every key's), the same
+    figures as the Prometheus gauges labelled by key name."""
+    mine = alice.get("/v1/usage").json()["data"]
+    assert [line["key"] for line in mine] == ["alice"]
+    assert mine[0]["images"] >= 3 and mine[0]["model_seconds"] > 0  # a process, a batch line, two OpenAI calls
+    assert [line["key"] for line in bob.get("/v1/usage").json()["data"]] == ["bob"]
+    everyone = {line["key"]: line for line in admin.get("/v1/usage").json()["data"]}
+    assert everyone["alice"]["images"] == mine[0]["images"] and "bob" in everyone
+
+    def reported() -> bool:
+        text = httpx.get(f"{keyed.url}/metrics", headers={"Authorization": "Bearer ops-key"}, timeout=30).text
+        return f't2i_key_images{{key="alice"}} {float(mine[0]["images"])}' in text
+    wait_for(reported, timeout=30, interval=0.5, what="alice's images on /metrics")
 
 
 def test_the_admin_sees_and_manages_everyone(admin, alices):

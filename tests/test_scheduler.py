@@ -243,3 +243,33 @@ def test_bulk_lines_go_one_at_a_time_while_other_work_was_recent():
         assert order[-1] == "c"
 
     run(scenario())
+
+
+def test_owners_take_turns_so_one_keys_queue_holds_anothers_request_back_by_one_hand_over():
+    """Key a queues 6 jobs while the model is full, then key b queues one: b's goes right after a's first,
+    not after all six; each owner's own work stays first come first served."""
+    async def scenario():
+        scheduler = ModelScheduler(budget_s=10, max_at_model=1)
+        order: list[str] = []
+        release = asyncio.Event()
+
+        async def job(name: str, owner: str) -> None:
+            async with scheduler.slot(1, Priority.QUEUED, owner):
+                order.append(name)
+                await release.wait()
+
+        running = asyncio.create_task(job("running", "a"))
+        await settle()
+        tasks = [asyncio.create_task(job(f"a{n}", "a")) for n in range(6)]
+        await settle()
+        tasks.append(asyncio.create_task(job("b0", "b")))
+        await settle()
+        for _ in range(7):  # the model takes one at a time
+            release.set()
+            await settle()
+            release.clear()
+        release.set()
+        await asyncio.gather(running, *tasks)
+        assert order == ["running", "a0", "b0", "a1", "a2", "a3", "a4", "a5"]
+
+    run(scenario())

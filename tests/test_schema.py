@@ -69,7 +69,7 @@ def test_opening_an_up_to_date_database_changes_nothing(database_url, tmp_path):
             assert current_revision(connection) == head_revision()
             assert set(inspect(connection).get_table_names()) == {
                 VERSION_TABLE, "generative_session", "parameter_history", "generative_process", "process_data",
-                "stored_file", "batch"}
+                "stored_file", "batch", "key_usage", "server_secret"}
     finally:
         store.close()
 

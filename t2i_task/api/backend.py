@@ -16,7 +16,9 @@ from t2i_task.config.parameters import ParameterError, lora_list
 from t2i_task.config.settings import Settings
 from t2i_task.generation.adapters import NOT_CHECKED as ADAPTER_NOT_CHECKED
 from t2i_task.generation.adapters import OK as ADAPTER_OK
+from t2i_task.jobs.failures import QueueFull
 from t2i_task.jobs.processes import ProcessQueue
+from t2i_task.jobs.scheduler import Priority
 from t2i_task.storage.scope import Scope
 from t2i_task.storage.store import Store
 from t2i_task.task import TextToImageGenerationTask
@@ -37,6 +39,18 @@ class Backend:
     async def db(self, call, *args, **kwargs):
         """Run a blocking store call off the event loop."""
         return await self.queue.db(call, *args, **kwargs)
+
+    async def check_share(self, owner: Owner) -> None:
+        """QueueFull (429) when the caller's key has `serving.max_queued_per_key` generations queued or
+        running already: that key waits, the others go on."""
+        cap = self.settings.serving.max_queued_per_key
+        if cap is None or owner.caller is None:
+            return
+        waiting = await self.db(self.store.unended_of, owner.account)
+        if waiting >= cap:
+            raise QueueFull(f"Your key has {waiting} generations queued or running, its share of this server "
+                            f"(serving.max_queued_per_key: {cap}); retry when some have finished.",
+                            retry_after_s=self.queue.scheduler.waiting_s(Priority.QUEUED) or None)
 
     async def adapters(self) -> dict[str, dict[str, str]]:
         """Each model's LoRA adapters and their status, from the model service; {} if it cannot say."""

@@ -259,6 +259,7 @@ async def create_process(request: Request, backend: BackendDep, owner: OwnerDep)
     body = await _process_body(request)
     with admission():
         backend.queue.admit()  # refuse before any validation work
+        await backend.check_share(owner)
     try:
         inputs = backend.task.prepare_input_for_database(body.input)
     except ValueError as exc:

@@ -223,6 +223,8 @@ def image_link(request: Request, name: str, backend: Backend | None = None, owne
 async def generate_images(
     body: ImageGenerationRequest, request: Request, backend: BackendDep, owner: OwnerDep
 ) -> dict[str, Any] | EventSourceResponse:
+    with admission():
+        await backend.check_share(owner)
     resolved = resolve(body, backend.settings, backend.task, await backend.adapters() if body.loras else {})
     model, params, inputs, echo = resolved.model, resolved.params, resolved.inputs, resolved.echo
 

@@ -87,6 +87,10 @@ class ServingConfig(Section):
     url_secret: SecretStr | None = Field(
         default=None, description="The secret that signs image links (T2I_URL_SECRET); default: one made at random "
         "once and kept in the database, so that every replica signs alike and links survive restarts.")
+    max_queued_per_key: int | None = Field(
+        default=None, ge=1, description="Generations one API key may have queued or running at once, on every "
+        "replica (a batch's lines aside); beyond: 429 with Retry-After for that key only. Default: no cap but "
+        "max_queued_generations; keys take turns at the model either way.")
     unnamed_rows_owner: str | None = Field(
         default=None, description="The key name that owns the rows made with no keys configured (and before keys "
         "had names); none: only admin keys see them.")

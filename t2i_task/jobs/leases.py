@@ -79,8 +79,8 @@ class Leases:
             try:
                 await self.take_unheld_work()
                 await self.end_batches()  # t2i_task/jobs/batches.py
-                if self.report_waiting is not None:
-                    self.report_waiting(await self.db(self.store.waiting_by_priority))
+                if self.report_stored is not None:
+                    self.report_stored(await self.db(self.store.waiting_by_priority), await self.db(self.store.usage))
             except Exception as exc:  # the database may still be away: try again later
                 log.warning("sweep skipped: %s", type(exc).__name__)
 

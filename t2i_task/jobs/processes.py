@@ -21,17 +21,15 @@ import asyncio
 import logging
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Protocol
 
 from anyio import to_thread
-from PIL import Image
 from pydantic import ValidationError
 
 from t2i_task.config.models import ServedModel
 from t2i_task.config.parameters import GenerationParameters, lora_list
 from t2i_task.config.settings import Settings, UnknownModel
 from t2i_task.config.sizes import resized
-from t2i_task.generation.runner import GenerationRequest, GenerationResult
+from t2i_task.generation.runner import GenerationRequest
 from t2i_task.jobs.failures import (
     DiskLow,
     GenerationFailed,
@@ -45,10 +43,11 @@ from t2i_task.jobs.batches import BulkLines
 from t2i_task.jobs.leases import Leases
 from t2i_task.jobs.live import Finished, LiveCalls, stored_parameters
 from t2i_task.jobs.loading import ModelLoads
+from t2i_task.jobs.model_service import Model
 from t2i_task.jobs.progress import ProgressWatch
 from t2i_task.jobs.scheduler import ModelScheduler
 from t2i_task.storage.store import LeaseLost, Store
-from t2i_task.storage.tables import GenerativeProcess, Priority, RunStatus, utcnow
+from t2i_task.storage.tables import GenerativeProcess, KeyUsage, Priority, RunStatus, utcnow
 from t2i_task.task import TextToImageGenerationTask
 
 log = logging.getLogger(__name__)
@@ -58,29 +57,6 @@ RETENTION_SWEEP_S = 60  # how often old work is looked for (more often for a ret
 CANCELLED = "cancelled"  # the reason an ERROR process was cancelled: "Error details: cancelled"
 
 
-class Model(Protocol):
-    """The model service as the queue uses it."""
-
-    async def generate(self, request: GenerationRequest, priority: int = Priority.QUEUED) -> GenerationResult:
-        """One request through the batcher (lower priorities first), which calls `ProcessQueue.calls_sent`
-        as the call carrying it goes; ModelUnavailable if the service is gone."""
-
-    async def cancel(self, jobs: list[int]) -> None:
-        """Tell the running call these jobs are cancelled (it stops if nothing else in it is wanted)."""
-
-    async def progress(self) -> dict[int, tuple[int, int, int]]:
-        """(steps done, steps in all, partial images decoded) of each job in the running call."""
-
-    async def previews(self, job: int, since: int, size: tuple[int, int]) -> list[Image.Image]:
-        """A running job's partial images from the `since`-th on."""
-
-    async def load(self, name: str) -> str:
-        """Load a model of the registry if it is not loaded: "loaded", "loading" or "failed: <why>"."""
-
-    async def loaded(self) -> dict[str, int]:
-        """The models loaded now, with their weights' bytes."""
-
-
 class ProcessQueue(LiveCalls, Leases, BulkLines):
     def __init__(
         self,
@@ -88,7 +64,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
         task: TextToImageGenerationTask,
         settings: Settings,
         model: Model,
-        report_waiting: Callable[[dict[Priority, int]], None] | None = None,
+        report_stored: Callable[[dict[Priority, int], list[KeyUsage]], None] | None = None,
     ) -> None:
         self.store, self.task, self.model = store, task, model
         # How far the processes at the model are (t2i_task/jobs/progress.py).
@@ -111,7 +87,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
         self.cancelling: set[int] = set()  # processes being cancelled: they end ERROR "cancelled"
         self.lost: set[int] = set()  # processes ended or taken over elsewhere: nothing of them is stored here
         self.saving: set[int] = set()  # processes whose images are being written and finished
-        self.report_waiting = report_waiting  # told the stored work waiting, by priority, at each sweep
+        self.report_stored = report_stored  # told at each sweep: the stored work waiting by priority, usage by key
         # Held while new processes are stored and registered, and while the
         # sweep decides what is lost: the sweep never takes a process that is
         # being stored or generated here.
@@ -243,7 +219,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                 loras=lora_list(params.loras),
             )
             await self.loads.ready(model.name, wait_s=None)  # a live call waited in start_live already
-            async with self.scheduler.slot(model.seconds(params), priority):
+            async with self.scheduler.slot(model.seconds(params), priority, process.account):
                 if process.status is not RunStatus.STARTED:  # a live call may be stored started
                     self.unsent.add(process.id)  # started when its call is sent (calls_sent)
                 self.at_model.add(process.id)
@@ -274,7 +250,8 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                 images = [resized(image, *asked) for image in generated.images]
                 saved.extend(self.store.images.save(lambda folder: self.task.process_output(
                     images, images_path=folder, parameters=provenance)))
-                self.store.finish_process(process.id, saved, holder=self.instance)  # LeaseLost if taken over
+                # LeaseLost if taken over; usage is charged what the scheduler charged it.
+                self.store.finish_process(process.id, saved, holder=self.instance, model_seconds=model.seconds(params))
 
             self.saving.add(process.id)  # a lost lease no longer stops it: finish_process decides
             try:

@@ -3,7 +3,10 @@
 Every generation, live (an OpenAI call whose client waits) or queued (a stored
 DashAI process), asks `ModelScheduler.slot(...)` before it is sent to the model
 service. The scheduler hands work over in order of priority (live before
-queued), first come first served within one priority, and only while
+queued); within one priority, owners (API keys) take turns, and each owner's
+work goes first come first served, so one key's 100 queued jobs hold another
+key's single request back by about one batch, not by 100 jobs. It hands work
+over only while
 
 - the estimated seconds of work at the model, this one included, fit in the
   time a model call may take (`Settings.model_call_budget_s`): every call then
@@ -46,9 +49,11 @@ from t2i_task.storage.tables import Priority  # stored with each process
 @dataclass(order=True)
 class _Waiter:
     priority: Priority
+    turn: int  # its owner's turn: owners with work waiting take turns (round-robin)
     arrival: int
     cost_s: float = field(compare=False)
     granted: asyncio.Future = field(compare=False)
+    owner: str = field(default="", compare=False)
 
 
 class ModelScheduler:
@@ -61,8 +66,10 @@ class ModelScheduler:
         self.bulk_at_model_s = 0.0  # of which bulk lines
         self.bulk_at_model = 0
         self._others_seen = -math.inf  # when other work than bulk lines last came, went to or left the model
-        self._waiting: list[_Waiter] = []  # kept sorted: priority, then arrival
+        self._waiting: list[_Waiter] = []  # kept sorted: priority, then turn, then arrival
         self._arrivals = itertools.count()
+        self._turn = 0  # the turn of the work handed over last
+        self._owner_turns: dict[str, int] = {}  # the last turn each owner with work waiting was given
         self._recheck: asyncio.TimerHandle | None = None  # a hand-over after a bulk hold
 
     def waiting_s(self, priority: Priority) -> float:
@@ -105,9 +112,13 @@ class ModelScheduler:
             self._recheck = asyncio.get_running_loop().call_later(delay_s, recheck)
 
     @asynccontextmanager
-    async def slot(self, cost_s: float, priority: Priority) -> AsyncIterator[None]:
-        """Wait until the model has room for this work, hold it while the model runs it."""
-        waiter = _Waiter(priority, next(self._arrivals), cost_s, asyncio.get_running_loop().create_future())
+    async def slot(self, cost_s: float, priority: Priority, owner: str = "") -> AsyncIterator[None]:
+        """Wait until the model has room for this work and it is its owner's turn; hold it while the model
+        runs it."""
+        turn = max(self._owner_turns.get(owner, 0), self._turn) + 1  # after its owner's other work, and now
+        self._owner_turns[owner] = turn
+        waiter = _Waiter(priority, turn, next(self._arrivals), cost_s, asyncio.get_running_loop().create_future(),
+                         owner)
         if priority < Priority.BULK:
             self._others_seen = time.monotonic()
         self._waiting.append(waiter)
@@ -148,6 +159,9 @@ class ModelScheduler:
             if not self._has_room_for(head.cost_s, head.priority):
                 return
             self._waiting.pop(0)
+            self._turn = max(self._turn, head.turn)
+            if self._owner_turns.get(head.owner, 0) <= self._turn:
+                self._owner_turns.pop(head.owner, None)  # nothing of theirs waits after this
             self.at_model_s += head.cost_s
             self.at_model += 1
             if head.priority >= Priority.BULK:

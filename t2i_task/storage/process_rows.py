@@ -20,11 +20,13 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import Update, and_, bindparam, case, func, insert, or_, select, text, update
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from t2i_task.storage.errors import InvalidTransition, LeaseLost, ProcessNotFound, SessionNotFound
 from t2i_task.storage.scope import Scope, in_scope, scope_filter
-from t2i_task.storage.tables import GenerativeProcess, GenerativeSession, Priority, ProcessData, RunStatus, utcnow
+from t2i_task.storage.tables import (GenerativeProcess, GenerativeSession, KeyUsage, Priority, ProcessData, RunStatus,
+                                    utcnow)
 
 ERROR_PREFIX = "Error details: "
 IMAGE_TYPE = "Image"
@@ -47,6 +49,8 @@ _SESSION_ACCOUNT = select(_SESSIONS.c.account).where(_SESSIONS.c.id == bindparam
 _INSERT_PROCESS = insert(_PROCESSES).returning(_PROCESSES.c.id)
 _INSERT_ROWS = insert(_DATA).returning(_DATA.c.id, sort_by_parameter_order=True)
 _INSERT_OUTPUTS = insert(_DATA)
+_USAGE = KeyUsage.__table__
+_ACCOUNT_OF = select(_PROCESSES.c.account).where(_PROCESSES.c.id == bindparam("process_id"))
 _STATE_OF = select(_PROCESSES.c.status, _PROCESSES.c.owner).where(_PROCESSES.c.id == bindparam("process_id"))
 _UNENDED = (RunStatus.DELIVERED, RunStatus.STARTED)  # queued or running: held under a lease
 _HOLDER = bindparam("holder")  # the replica writing ("owner" is the column's own name in SET clauses)
@@ -90,6 +94,11 @@ _RELEASE = (update(_PROCESSES)
             .values(status=RunStatus.DELIVERED, owner=None, lease_expires=None, last_modified=_NOW,
                     delivery_time=case((_PROCESSES.c.status == RunStatus.STARTED, _NOW),
                                        else_=_PROCESSES.c.delivery_time)))
+
+
+def _upsert(dialect: str):
+    """INSERT ... ON CONFLICT DO UPDATE, as the dialect spells it (both have it, in their own module)."""
+    return postgresql.insert if dialect == "postgresql" else sqlite.insert
 
 
 # Any fixed 64-bit number: the advisory lock of the replica that runs the retention sweep.
@@ -187,10 +196,18 @@ class ProcessRows:
         with self.engine.begin() as db:
             db.execute(statement, {"ids": list(process_ids), "now": utcnow(), "holder": holder})
 
-    def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]], holder: str | None = None) -> None:
-        """Attach the output rows and mark the process FINISHED, together; given `holder`, only
-        while that replica owns the process (else LeaseLost, and nothing is written)."""
-        self._move(process_id, RunStatus.FINISHED, outputs, holder)
+    def finish_process(self, process_id: int, outputs: Iterable[tuple[str, str]], holder: str | None = None,
+                       model_seconds: float = 0.0) -> None:
+        """Attach the output rows and mark the process FINISHED, together, and add its images and
+        `model_seconds` to its owner's usage; given `holder`, only while that replica owns the process
+        (else LeaseLost, and nothing is written)."""
+        self._move(process_id, RunStatus.FINISHED, outputs, holder, model_seconds)
+
+    def usage(self, scope: Scope = None) -> list[KeyUsage]:
+        """What each owner of the scope has used, by name."""
+        with self._sessionmaker() as db:
+            return list(db.scalars(select(KeyUsage).where(scope_filter(KeyUsage.account, scope))
+                                   .order_by(KeyUsage.account)))
 
     def record_progress(self, progress: dict[int, tuple[int, int]]) -> None:
         """Steps done and in all of running processes, in one transaction; ended ones keep theirs."""
@@ -205,7 +222,7 @@ class ProcessRows:
         self._move(process_id, RunStatus.ERROR, [(ERROR_PREFIX + message, "str")], holder)
 
     def _move(self, process_id: int, status: RunStatus, outputs: Iterable[tuple[str, str]] = (),
-              holder: str | None = None) -> None:
+              holder: str | None = None, model_seconds: float = 0.0) -> None:
         # One guarded UPDATE (`_move_to`) rather than loading the process and its rows: the
         # transitions are on every generation's path.
         with self.engine.begin() as db:  # Core, no ORM session: nothing is loaded
@@ -223,6 +240,13 @@ class ProcessRows:
                     for data, data_type in outputs]
             if rows:
                 db.execute(_INSERT_OUTPUTS, rows)
+            if status is RunStatus.FINISHED:
+                account = db.scalar(_ACCOUNT_OF, {"process_id": process_id})
+                images = sum(1 for row in rows if row["data_type"] == IMAGE_TYPE)
+                add = _upsert(db.dialect.name)(_USAGE).values(account=account, images=images,
+                                                               model_seconds=model_seconds)
+                db.execute(add.on_conflict_do_update(index_elements=["account"], set_={
+                    "images": _USAGE.c.images + images, "model_seconds": _USAGE.c.model_seconds + model_seconds}))
 
     def renew_leases(self, holder: str, process_ids: Iterable[int], lease_s: float) -> set[int]:
         """Extend `holder`'s leases on these processes to `lease_s` from now, in one statement;
@@ -297,6 +321,14 @@ class ProcessRows:
             counts = dict(db.execute(select(priority, func.count()).where(
                 GenerativeProcess.status == RunStatus.DELIVERED).group_by(priority)).all())
         return {level: counts.get(int(level), 0) for level in Priority}
+
+    def unended_of(self, account: str) -> int:
+        """How many of an account's generations are queued or running, on every replica (a batch's lines
+        aside: they wait in the bulk lane)."""
+        with self._sessionmaker() as db:
+            return db.scalar(select(func.count()).where(
+                GenerativeProcess.account == account, GenerativeProcess.status.in_(_UNENDED),
+                GenerativeProcess.batch_id.is_(None)))
 
     def remove_orphan_images(self, older_than_s: float) -> list[str]:
         """Remove PNGs (and unfinished `.part` files) that no process row names.

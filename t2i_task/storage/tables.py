@@ -11,7 +11,7 @@ import enum
 from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import (JSON, DateTime, Enum, ForeignKey, Index, SmallInteger, String, Text, TypeDecorator,
+from sqlalchemy import (JSON, DateTime, Enum, Float, ForeignKey, Index, SmallInteger, String, Text, TypeDecorator,
                         UniqueConstraint)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -153,6 +153,18 @@ class GenerativeProcess(Base):
     @property
     def output(self) -> list[ProcessData]:
         return [row for row in self.data if not row.is_input]
+
+
+class KeyUsage(Base):
+    """Not in DashAI's tables: what each owner (API key name) has used, added to as each of its
+    generations finishes: images made, and model-seconds (each generation's cost by its model's
+    calibration, what the scheduler charges it). Deleting work does not take usage back."""
+
+    __tablename__ = "key_usage"
+
+    account: Mapped[str] = mapped_column(String(255), primary_key=True)
+    images: Mapped[int] = mapped_column(default=0)
+    model_seconds: Mapped[float] = mapped_column(Float, default=0.0)
 
 
 class ServerSecret(Base):

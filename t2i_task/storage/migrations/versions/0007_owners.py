@@ -1,7 +1,7 @@
 """Owners: each session, process, file and batch records whose it is (the name of the API key that made it;
 "" for rows made before), a session's name is unique among its owner's sessions only, an image's
-row is found by its file name (whose the image is), and the replicas keep shared secrets (the key
-that signs image links).
+row is found by its file name (whose the image is), each owner's usage is counted, and the replicas
+keep shared secrets (the key that signs image links).
 
 Revision ID: 0007
 Revises: 0006
@@ -42,6 +42,12 @@ def upgrade() -> None:
             batch_op.create_index(f"ix_{table}_account", ["account"])
     op.create_index("ix_process_data_data", "process_data", ["data"], postgresql_using="hash")
     op.create_table(
+        "key_usage",
+        sa.Column("account", sa.String(255), primary_key=True),
+        sa.Column("images", sa.Integer(), nullable=False),
+        sa.Column("model_seconds", sa.Float(), nullable=False),
+    )
+    op.create_table(
         "server_secret",
         sa.Column("name", sa.String(64), primary_key=True),
         sa.Column("value", sa.String(255), nullable=False),
@@ -50,6 +56,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("server_secret")
+    op.drop_table("key_usage")
     op.drop_index("ix_process_data_data", "process_data")
     for table in TABLES:
         with op.batch_alter_table(table) as batch_op:
