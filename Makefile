@@ -90,6 +90,7 @@ calibrate: install
 bench: install
 	$(PY) bench/benchmark.py $(BENCH_ARGS)
 	$(PY) bench/bulk_fairness.py
+	$(PY) bench/key_fairness.py
 
 # Locust against a running server: URL=http://host:port USERS=16 TIME=1m make loadtest
 URL ?= http://127.0.0.1:$(PORT)

@@ -281,12 +281,12 @@ class DiffusionClient:
         self.service = service
         self.calls = CallBatcher(self._generate, max_batch, calls_in_flight, sent=sent, key=GenerationRequest.batch_key)
 
-    async def generate(self, request: GenerationRequest, priority: int = 0) -> GenerationResult:
+    async def generate(self, request: GenerationRequest, priority: int = 0, owner: str = "") -> GenerationResult:
         """One request, in the next call to the model's batcher (t2i_task/jobs/model_calls.py), where
-        lower priorities go first."""
+        lower priorities go first and owners take turns."""
         REQUESTS_AT_MODEL.inc()
         try:
-            return await self.calls.submit(request, rank=priority)
+            return await self.calls.submit(request, rank=priority, owner=owner)
         finally:
             REQUESTS_AT_MODEL.dec()
 

@@ -73,3 +73,38 @@ def test_a_key_added_to_the_file_is_accepted_and_a_revoked_one_refused_at_their_
     assert status(server, "alice-key") == 200, "keys from T2I_API_KEYS stay"
     log = server.log.read_text()
     assert "bob-key" not in log and "ops-key" not in log and "alice-key" not in log
+
+
+def test_rows_from_before_keys_had_names_belong_to_the_configured_owner_or_to_admins(tmp_path):
+    """owner_of: with no keys everything is the one user's; a user sees their own rows, and the unnamed ones
+    ("" owner) only if serving.unnamed_rows_owner names them; an admin sees all; a keyless request on a
+    server that needs keys (a page, a signed link) sees nothing."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from t2i_task.api.backend import owner_of
+    from t2i_task.storage.store import Store
+
+    def owner(caller, keys_required=True, unnamed=None):
+        request = SimpleNamespace(state=SimpleNamespace(caller=caller, keys_required=keys_required))
+        backend = SimpleNamespace(settings=SimpleNamespace(serving=SimpleNamespace(unnamed_rows_owner=unnamed)))
+        return asyncio.run(owner_of(request, backend))
+
+    store = Store(f"sqlite:///{tmp_path / 't2i.db'}", tmp_path / "images")
+    try:
+        old = store.create_session(task_name="TextToImageGenerationTask", name="before keys", parameters={})
+        alices = store.create_session(task_name="TextToImageGenerationTask", name="alice's", parameters={},
+                                      account="alice")
+
+        def seen(who) -> set[int]:
+            return {session.id for session in store.list_sessions(scope=who.scope)}
+
+        assert seen(owner(None, keys_required=False)) == {old.id, alices.id}
+        assert seen(owner(Caller("alice"))) == {alices.id}
+        assert seen(owner(Caller("alice"), unnamed="alice")) == {old.id, alices.id}
+        assert seen(owner(Caller("bob"), unnamed="alice")) == set()
+        assert seen(owner(Caller("ops", "admin"))) == {old.id, alices.id}
+        assert seen(owner(None)) == set()
+        assert owner(Caller("alice")).account == "alice"
+    finally:
+        store.close()

@@ -142,3 +142,24 @@ async def test_a_lower_rank_goes_in_the_next_call_ahead_of_requests_that_came_be
     await settle()
     model.release[2].set()
     assert await live == 200 and [await task for task in [running, *bulk]] == [i * 2 for i in range(6)]
+
+
+@pytest.mark.anyio
+async def test_owners_take_turns_in_a_call_so_one_keys_queue_does_not_fill_the_next_call(model):
+    """Key a has 10 requests waiting behind the running call, key b then one: the next call carries b's
+    with a's seven oldest, not a's eight."""
+    batcher = CallBatcher(model.call, max_batch=8, max_in_flight=1)
+    running = asyncio.create_task(batcher.submit(0, owner="a"))
+    await settle()
+    waiting = [asyncio.create_task(batcher.submit(n, owner="a")) for n in range(1, 11)]
+    await settle()
+    waiting.append(asyncio.create_task(batcher.submit(100, owner="b")))
+    await settle()
+    model.release[0].set()
+    await settle()
+    assert model.calls[1] == [1, 100, 2, 3, 4, 5, 6, 7]
+    for event_index in (1, 2):
+        await settle()
+        model.release[event_index].set()
+    await asyncio.gather(running, *waiting)
+    assert model.calls[2] == [8, 9, 10]

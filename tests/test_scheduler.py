@@ -246,8 +246,9 @@ def test_bulk_lines_go_one_at_a_time_while_other_work_was_recent():
 
 
 def test_owners_take_turns_so_one_keys_queue_holds_anothers_request_back_by_one_hand_over():
-    """Key a queues 6 jobs while the model is full, then key b queues one: b's goes right after a's first,
-    not after all six; each owner's own work stays first come first served."""
+    """Key a queues 6 jobs while the model is full, then key b queues one: b's is handed over at once (one
+    past max_at_model: b has nothing at the model), not after a's six; each owner's own work stays first
+    come first served."""
     async def scenario():
         scheduler = ModelScheduler(budget_s=10, max_at_model=1)
         order: list[str] = []
@@ -270,6 +271,7 @@ def test_owners_take_turns_so_one_keys_queue_holds_anothers_request_back_by_one_
             release.clear()
         release.set()
         await asyncio.gather(running, *tasks)
-        assert order == ["running", "a0", "b0", "a1", "a2", "a3", "a4", "a5"]
+        assert order == ["running", "b0", "a0", "a1", "a2", "a3", "a4", "a5"]
+        assert scheduler.at_model == 0
 
     run(scenario())

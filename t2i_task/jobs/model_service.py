@@ -13,9 +13,10 @@ from t2i_task.storage.tables import Priority
 class Model(Protocol):
     """The model service as the queue uses it."""
 
-    async def generate(self, request: GenerationRequest, priority: int = Priority.QUEUED) -> GenerationResult:
-        """One request through the batcher (lower priorities first), which calls `ProcessQueue.calls_sent`
-        as the call carrying it goes; ModelUnavailable if the service is gone."""
+    async def generate(self, request: GenerationRequest, priority: int = Priority.QUEUED,
+                       owner: str = "") -> GenerationResult:
+        """One request through the batcher (lower priorities first, owners taking turns), which calls
+        `ProcessQueue.calls_sent` as the call carrying it goes; ModelUnavailable if the service is gone."""
 
     async def cancel(self, jobs: list[int]) -> None:
         """Tell the running call these jobs are cancelled (it stops if nothing else in it is wanted)."""

@@ -224,7 +224,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                     self.unsent.add(process.id)  # started when its call is sent (calls_sent)
                 self.at_model.add(process.id)
                 try:
-                    generated = await self.model.generate(request, priority)
+                    generated = await self.model.generate(request, priority, process.account)
                 finally:
                     self.unsent.discard(process.id)
                     self.at_model.discard(process.id)

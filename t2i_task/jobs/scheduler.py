@@ -5,8 +5,11 @@ DashAI process), asks `ModelScheduler.slot(...)` before it is sent to the model
 service. The scheduler hands work over in order of priority (live before
 queued); within one priority, owners (API keys) take turns, and each owner's
 work goes first come first served, so one key's 100 queued jobs hold another
-key's single request back by about one batch, not by 100 jobs. It hands work
-over only while
+key's single request back by about one batch, not by 100 jobs: an owner with
+nothing at the model may be handed one request past `max_at_model`, so that it
+joins the next call (where owners take turns too: t2i_task/jobs/model_calls.py)
+rather than the one after the work handed over already. It hands work over only
+while
 
 - the estimated seconds of work at the model, this one included, fit in the
   time a model call may take (`Settings.model_call_budget_s`): every call then
@@ -39,6 +42,7 @@ import asyncio
 import itertools
 import math
 import time
+from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -70,6 +74,7 @@ class ModelScheduler:
         self._arrivals = itertools.count()
         self._turn = 0  # the turn of the work handed over last
         self._owner_turns: dict[str, int] = {}  # the last turn each owner with work waiting was given
+        self._owners_at_model: Counter = Counter()  # requests handed over and not yet back, by owner
         self._recheck: asyncio.TimerHandle | None = None  # a hand-over after a bulk hold
 
     def waiting_s(self, priority: Priority) -> float:
@@ -88,11 +93,14 @@ class ModelScheduler:
         one waits, and it fits)."""
         return not any(w.priority <= priority for w in self._waiting) and self._has_room_for(cost_s, priority)
 
-    def _has_room_for(self, cost_s: float, priority: Priority) -> bool:
+    def _has_room_for(self, cost_s: float, priority: Priority, owner: str | None = None) -> bool:
         others, others_s = self.at_model - self.bulk_at_model, self.at_model_s - self.bulk_at_model_s
         if priority < Priority.BULK:
-            # Work larger than the whole budget (stored before the limits changed) runs alone.
-            return (others_s + cost_s <= self.budget_s or others == 0) and others < self.max_at_model
+            # Work larger than the whole budget (stored before the limits changed) runs alone; an owner
+            # with nothing at the model may go one past max_at_model (fair share, above).
+            first_of_owner = owner is not None and self._owners_at_model[owner] == 0
+            return ((others_s + cost_s <= self.budget_s or others == 0)
+                    and (others < self.max_at_model or first_of_owner))
         if others:
             return False
         quiet_s = time.monotonic() - self._others_seen
@@ -141,6 +149,9 @@ class ModelScheduler:
     def _release(self, waiter: _Waiter) -> None:
         self.at_model_s = max(0.0, self.at_model_s - waiter.cost_s)
         self.at_model -= 1
+        self._owners_at_model[waiter.owner] -= 1
+        if self._owners_at_model[waiter.owner] <= 0:
+            del self._owners_at_model[waiter.owner]
         if waiter.priority >= Priority.BULK:
             self.bulk_at_model_s = max(0.0, self.bulk_at_model_s - waiter.cost_s)
             self.bulk_at_model -= 1
@@ -150,23 +161,35 @@ class ModelScheduler:
 
     def _hand_over(self) -> None:
         """Grant waiters in order while they fit; the first that does not fit stops the line,
-        so a large request is never overtaken forever by small ones."""
+        so a large request is never overtaken forever by small ones, except by the work of an owner
+        with nothing at the model whose turn is the head's (fair share: it goes one past
+        `max_at_model`, so a key's single request never waits behind another key's queue)."""
         while self._waiting:
             head = self._waiting[0]
             if head.granted.cancelled():  # its task is unwinding; it holds nothing
                 self._waiting.pop(0)
                 continue
-            if not self._has_room_for(head.cost_s, head.priority):
+            if self._has_room_for(head.cost_s, head.priority, head.owner):
+                self._grant(head)
+                continue
+            newcomer = next((w for w in self._waiting[1:] if (w.priority, w.turn) == (head.priority, head.turn)
+                             and not w.granted.cancelled() and self._owners_at_model[w.owner] == 0
+                             and self._has_room_for(w.cost_s, w.priority, w.owner)), None)
+            if newcomer is None:
                 return
-            self._waiting.pop(0)
-            self._turn = max(self._turn, head.turn)
-            if self._owner_turns.get(head.owner, 0) <= self._turn:
-                self._owner_turns.pop(head.owner, None)  # nothing of theirs waits after this
-            self.at_model_s += head.cost_s
-            self.at_model += 1
-            if head.priority >= Priority.BULK:
-                self.bulk_at_model_s += head.cost_s
-                self.bulk_at_model += 1
-            else:
-                self._others_seen = time.monotonic()
-            head.granted.set_result(None)
+            self._grant(newcomer)
+
+    def _grant(self, waiter: _Waiter) -> None:
+        self._waiting.remove(waiter)
+        self._turn = max(self._turn, waiter.turn)
+        if self._owner_turns.get(waiter.owner, 0) <= self._turn:
+            self._owner_turns.pop(waiter.owner, None)  # nothing of theirs waits after this
+        self.at_model_s += waiter.cost_s
+        self.at_model += 1
+        self._owners_at_model[waiter.owner] += 1
+        if waiter.priority >= Priority.BULK:
+            self.bulk_at_model_s += waiter.cost_s
+            self.bulk_at_model += 1
+        else:
+            self._others_seen = time.monotonic()
+        waiter.granted.set_result(None)
