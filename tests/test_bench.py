@@ -117,3 +117,10 @@ def test_pipeline_modes_bench_runs_sd15_architecture_on_cpu_at_small_size(tmp_pa
     assert sdpa["it_per_s"] > 0 and sdpa["images_per_s"] > 0
     xformers = next(row for row in rows if row["mode"] == "xformers")
     assert "it_per_s" in xformers or "needs CUDA" in xformers["unavailable"]
+
+
+def test_the_key_fairness_bench_runs_and_prints_its_table():
+    done = subprocess.run([sys.executable, "bench/key_fairness.py", "--jobs", "4", "--rounds", "1"],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    assert "idle server:" in done.stdout and "behind A's 4 queued jobs:" in done.stdout
