@@ -113,11 +113,11 @@ bench-replicas: install
 bench-runner: install
 	$(PY) bench/runner_overhead.py
 
-# Trains the `ring` LoRA adapter of shapes-64 into models/adapter-ring (about 35 minutes on 2 CPU
+# Trains the `ring` LoRA adapter of shapes-64 into models/adapter-ring (about 25 minutes on 2 idle CPU
 # cores), then scores it with and without the adapter; copy models/adapter-ring/ring.* into
 # demo_model_64/loras/ to ship it (demo_model_64/loras/README.md).
 adapter-ring: install
-	$(PY) -m training.train_adapter demo_model_64 models/adapter-ring --shape ring --rank 8 --steps 2000
+	$(PY) -m training.train_adapter demo_model_64 models/adapter-ring --shape ring --rank 8 --steps 4000
 	$(PY) -m training.evaluate_adapter demo_model_64 models/adapter-ring --shape ring --card models/adapter-ring
 
 # Retrains the shipped demo model into models/demo (35 minutes on 2 CPU cores), then
