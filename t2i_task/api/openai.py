@@ -209,12 +209,12 @@ def wants_links(body: ImageGenerationRequest) -> bool:
     return (body.response_format or ("b64_json" if wants_bytes else "url")) == "url"
 
 
-def image_link(request: Request, name: str, backend: Backend | None = None, owner: Owner | None = None) -> str:
+def image_link(request: Request, name: str, backend: Backend, owner: Owner | None = None) -> str:
     """The link to an image (serving.public_url or the address the request came to); signed for `owner`
     when a key made the request, so that it loads without one (t2i_task/api/links.py)."""
-    base = (backend.settings.serving.public_url if backend else None) or str(request.base_url)
+    base = backend.settings.serving.public_url or str(request.base_url)
     path = f"/api/v1/generative-process/image/{name}"
-    if backend and owner and owner.caller is not None:
+    if owner is not None and owner.caller is not None:
         return backend.links.link(base, path, owner.account)
     return f"{base.rstrip('/')}{path}"
 

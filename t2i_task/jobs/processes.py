@@ -204,6 +204,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
             prompt = self.task.prepare_for_task(process.input)
             asked = (params.width, params.height)
             width, height = model.drawn(*asked)
+            cost_s = model.seconds(params)  # what the scheduler holds for it, and its owner's usage
             request = GenerationRequest(
                 prompt=prompt,
                 model=model.name,
@@ -219,7 +220,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                 loras=lora_list(params.loras),
             )
             await self.loads.ready(model.name, wait_s=None)  # a live call waited in start_live already
-            async with self.scheduler.slot(model.seconds(params), priority, process.account):
+            async with self.scheduler.slot(cost_s, priority, process.account):
                 if process.status is not RunStatus.STARTED:  # a live call may be stored started
                     self.unsent.add(process.id)  # started when its call is sent (calls_sent)
                 self.at_model.add(process.id)
@@ -250,8 +251,7 @@ class ProcessQueue(LiveCalls, Leases, BulkLines):
                 images = [resized(image, *asked) for image in generated.images]
                 saved.extend(self.store.images.save(lambda folder: self.task.process_output(
                     images, images_path=folder, parameters=provenance)))
-                # LeaseLost if taken over; usage is charged what the scheduler charged it.
-                self.store.finish_process(process.id, saved, holder=self.instance, model_seconds=model.seconds(params))
+                self.store.finish_process(process.id, saved, holder=self.instance, model_seconds=cost_s)  # or LeaseLost
 
             self.saving.add(process.id)  # a lost lease no longer stops it: finish_process decides
             try:

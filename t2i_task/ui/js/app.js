@@ -4,12 +4,10 @@
 
 import { apiKey, call, events, setApiKey } from "./api.js";
 import { GenerationForm } from "./form.js";
-import { Gallery } from "./gallery.js";
+import { ERROR, FINISHED, Gallery } from "./gallery.js";
 import { History, showBatches } from "./history.js";
 
 const TASK = "TextToImageGenerationTask";
-const FINISHED = 3;
-const ERROR = 4;
 const BATCHES_REFRESH_MS = 10_000;
 const PREVIEWS = 2; // partial images of each picture, sent on the process's event stream
 const $ = (selector) => document.querySelector(selector);

@@ -5,8 +5,8 @@ import { bytes, call } from "./api.js";
 import { element } from "./dom.js";
 import { pngText } from "./png.js";
 
-const FINISHED = 3;
-const ERROR = 4;
+export const FINISHED = 3; // DashAI's process statuses
+export const ERROR = 4;
 const SHOWN_SETTINGS = [["seed", "seed"], ["num_inference_steps", "steps"], ["guidance_scale", "guidance"],
   ["size", "size"], ["model", "model"], ["loras", "adapters"], ["negative_prompt", "negative"]];
 
